@@ -1,0 +1,1 @@
+//! Library of the component; the binary only parses arguments and calls in.

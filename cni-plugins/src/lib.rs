@@ -1,0 +1,1 @@
+//! Shared CNI plugin library.

@@ -1,0 +1,1 @@
+//! The Kubernetes REST API: discovery, resources, watch, validation and defaulting.

@@ -1,0 +1,5 @@
+//! ferrolet-control-plane: the Kubernetes-style API server over a store, the scheduler and the
+//! controllers. The binary only parses arguments and calls in here.
+
+pub mod api;
+pub mod storage;

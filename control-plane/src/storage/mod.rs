@@ -1,0 +1,1 @@
+//! The store behind the API server: one trait, SQLite and etcd implementations.
