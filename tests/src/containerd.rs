@@ -52,11 +52,7 @@ impl Containerd {
             child: Some(child),
         };
         let ready = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
-            me.socket.exists()
-                && me
-                    .ctr(&["version"])
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
+            me.socket.exists() && me.ctr(&["version"]).is_ok_and(|o| o.status.success())
         });
         if !ready {
             let log = fs::read_to_string(&me.log).unwrap_or_default();
@@ -65,10 +61,10 @@ impl Containerd {
                 me.socket.display()
             );
         }
-        if let Some(child) = me.child.as_mut() {
-            if let Some(status) = child.try_wait()? {
-                bail!("containerd exited early with {status}");
-            }
+        if let Some(child) = me.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("containerd exited early with {status}");
         }
         Ok(me)
     }
@@ -106,8 +102,7 @@ impl Containerd {
             let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
             let _ = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
                 self.ctr(&["tasks", "delete", id])
-                    .map(|o| o.status.success())
-                    .unwrap_or(true)
+                    .map_or(true, |o| o.status.success())
             });
         }
     }
