@@ -1,1 +1,4 @@
-//! Library of the component; the binary only parses arguments and calls in.
+//! ferrolet, the node agent: the kubelet and the service proxy. The binary only parses
+//! arguments and calls in here.
+
+pub mod proxy;

@@ -1,0 +1,1 @@
+//! The service proxy: Services and EndpointSlices programmed into iptables.
