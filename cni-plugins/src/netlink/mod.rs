@@ -1,0 +1,406 @@
+//! Small, typed wrappers over rtnetlink for what the plugins do to links, addresses
+//! and routes. Every function works in the namespace the handle's socket was opened in.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
+
+const ENODEV: i32 = libc::ENODEV;
+const RT_TABLE_MAIN: u32 = 254;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("{op}: {source}")]
+    Request {
+        op: String,
+        source: rtnetlink::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl NetlinkError {
+    /// The errno the kernel answered with, if this was a kernel refusal.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Request {
+                source: rtnetlink::Error::NetlinkError(m),
+                ..
+            } => m.code.map(|c| -c.get()),
+            _ => None,
+        }
+    }
+}
+
+fn req(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let op = op.into();
+    move |source| NetlinkError::Request { op, source }
+}
+
+fn errno_of(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// The parts of a link the plugins look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<String>,
+    pub mtu: u32,
+    pub kind: Option<String>,
+    pub master: Option<u32>,
+    pub up: bool,
+    pub promisc: bool,
+    pub hairpin: Option<bool>,
+}
+
+impl Link {
+    fn from_message(m: &LinkMessage) -> Self {
+        let mut link = Link {
+            index: m.header.index,
+            name: String::new(),
+            mac: None,
+            mtu: 0,
+            kind: None,
+            master: None,
+            up: m.header.flags.contains(LinkFlags::Up),
+            promisc: m.header.flags.contains(LinkFlags::Promisc),
+            hairpin: None,
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name.clone_from(n),
+                LinkAttribute::Address(b) if b.len() == 6 => link.mac = Some(format_mac(b)),
+                LinkAttribute::Mtu(v) => link.mtu = *v,
+                LinkAttribute::Controller(c) if *c != 0 => link.master = Some(*c),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        match i {
+                            LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
+                            LinkInfo::PortData(
+                                netlink_packet_route::link::InfoPortData::BridgePort(ps),
+                            ) => {
+                                for p in ps {
+                                    if let netlink_packet_route::link::InfoBridgePort::HairpinMode(
+                                        h,
+                                    ) = p
+                                    {
+                                        link.hairpin = Some(*h);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+pub fn format_mac(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The link called `name`, or `None`.
+pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<Link>, NetlinkError> {
+    match h.link().get().match_name(name).execute().try_next().await {
+        Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(req(format!("looking up link {name}"))(e)),
+    }
+}
+
+/// The link with index `index`, or `None`.
+pub async fn link_by_index(h: &Handle, index: u32) -> Result<Option<Link>, NetlinkError> {
+    match h.link().get().match_index(index).execute().try_next().await {
+        Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(req(format!("looking up link #{index}"))(e)),
+    }
+}
+
+/// Every link in the namespace.
+pub async fn links(h: &Handle) -> Result<Vec<Link>, NetlinkError> {
+    let mut out = Vec::new();
+    let mut s = h.link().get().execute();
+    while let Some(m) = s.try_next().await.map_err(req("listing links"))? {
+        out.push(Link::from_message(&m));
+    }
+    Ok(out)
+}
+
+/// Returns bridge `name`, creating it (up, with `mtu`) when missing. Fails when a link
+/// of that name exists but is not a bridge.
+pub async fn ensure_bridge(
+    h: &Handle,
+    name: &str,
+    mtu: Option<u32>,
+    promisc: bool,
+) -> Result<Link, NetlinkError> {
+    let existing = link_by_name(h, name).await?;
+    let link = match existing {
+        Some(l) => {
+            if l.kind.as_deref() != Some("bridge") {
+                return Err(NetlinkError::Invalid(format!(
+                    "{name} already exists but is not a bridge (kind {:?})",
+                    l.kind
+                )));
+            }
+            l
+        }
+        None => {
+            let mut b = LinkBridge::new(name);
+            if let Some(mtu) = mtu {
+                b = b.mtu(mtu);
+            }
+            match h.link().add(b.build()).execute().await {
+                Ok(()) => {}
+                // Another plugin invocation created it at the same moment.
+                Err(e) if errno_of(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(req(format!("creating bridge {name}"))(e)),
+            }
+            link_by_name(h, name)
+                .await?
+                .ok_or_else(|| NetlinkError::Invalid(format!("bridge {name} vanished")))?
+        }
+    };
+    if !link.up || (promisc && !link.promisc) {
+        let mut m = LinkUnspec::new_with_index(link.index).up();
+        if promisc {
+            m = m.promiscuous(true);
+        }
+        h.link()
+            .set(m.build())
+            .execute()
+            .await
+            .map_err(req(format!("bringing up {name}")))?;
+    }
+    Ok(link)
+}
+
+/// Creates a veth pair in the handle's namespace: `name` here and `peer` in the
+/// namespace behind `peer_ns_fd`. Fails with EEXIST if either name is taken.
+pub async fn add_veth(
+    h: &Handle,
+    name: &str,
+    peer: &str,
+    peer_ns_fd: i32,
+    mtu: Option<u32>,
+) -> Result<(), NetlinkError> {
+    let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::default()
+        .name(peer)
+        .setns_by_fd(peer_ns_fd);
+    if let Some(mtu) = mtu {
+        peer_msg = peer_msg.mtu(mtu);
+    }
+    let mut veth =
+        LinkVeth::new(name, peer).set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())));
+    if let Some(mtu) = mtu {
+        veth = veth.mtu(mtu);
+    }
+    h.link()
+        .add(veth.build())
+        .execute()
+        .await
+        .map_err(req(format!("creating veth pair {name}/{peer}")))
+}
+
+pub async fn set_up(h: &Handle, index: u32) -> Result<(), NetlinkError> {
+    h.link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(req(format!("bringing up link #{index}")))
+}
+
+pub async fn set_master(h: &Handle, index: u32, master: u32) -> Result<(), NetlinkError> {
+    h.link()
+        .set(LinkUnspec::new_with_index(index).controller(master).build())
+        .execute()
+        .await
+        .map_err(req(format!("attaching link #{index} to #{master}")))
+}
+
+pub async fn set_hairpin(h: &Handle, index: u32, on: bool) -> Result<(), NetlinkError> {
+    h.link()
+        .set_port(LinkBridgePort::new(index).hairpin(on).build())
+        .execute()
+        .await
+        .map_err(req(format!("setting hairpin mode on link #{index}")))
+}
+
+/// Deletes a link; a link that is already gone is not an error.
+pub async fn delete_link(h: &Handle, index: u32) -> Result<(), NetlinkError> {
+    match h.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(()),
+        Err(e) => Err(req(format!("deleting link #{index}"))(e)),
+    }
+}
+
+fn address_of(m: &AddressMessage) -> Option<IpNet> {
+    let mut addr = None;
+    for a in &m.attributes {
+        match a {
+            AddressAttribute::Local(ip) => addr = Some(*ip),
+            AddressAttribute::Address(ip) if addr.is_none() => addr = Some(*ip),
+            _ => {}
+        }
+    }
+    addr.and_then(|ip| IpNet::new(ip, m.header.prefix_len).ok())
+}
+
+/// Addresses on link `index`, link-local IPv6 ones included.
+pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<IpNet>, NetlinkError> {
+    let mut out = Vec::new();
+    let mut s = h.address().get().set_link_index_filter(index).execute();
+    while let Some(m) = s
+        .try_next()
+        .await
+        .map_err(req(format!("listing addresses of #{index}")))?
+    {
+        if m.header.index == index {
+            out.extend(address_of(&m));
+        }
+    }
+    Ok(out)
+}
+
+/// Adds `addr` to link `index`. IPv6 addresses skip duplicate address detection: the
+/// allocator already guarantees uniqueness and DAD would delay the container's traffic.
+pub async fn add_address(h: &Handle, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+    let mut r = h.address().add(index, addr.addr(), addr.prefix_len());
+    if addr.addr().is_ipv6() {
+        r.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    r.execute()
+        .await
+        .map_err(req(format!("adding address {addr} to #{index}")))
+}
+
+pub async fn del_address(h: &Handle, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+    let mut s = h.address().get().set_link_index_filter(index).execute();
+    while let Some(m) = s
+        .try_next()
+        .await
+        .map_err(req(format!("listing addresses of #{index}")))?
+    {
+        if m.header.index == index && address_of(&m) == Some(addr) {
+            return h
+                .address()
+                .del(m)
+                .execute()
+                .await
+                .map_err(req(format!("deleting address {addr} from #{index}")));
+        }
+    }
+    Ok(())
+}
+
+/// A route of the main table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub dst: IpNet,
+    pub gw: Option<IpAddr>,
+    pub oif: Option<u32>,
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    }
+}
+
+fn route_of(m: &RouteMessage) -> Option<RouteEntry> {
+    let v6 = m.header.address_family == AddressFamily::Inet6;
+    let mut table = u32::from(m.header.table);
+    let mut dst = None;
+    let mut gw = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = route_addr(d),
+            RouteAttribute::Gateway(g) => gw = route_addr(g),
+            RouteAttribute::Oif(o) => oif = Some(*o),
+            RouteAttribute::Table(t) => table = *t,
+            _ => {}
+        }
+    }
+    if table != RT_TABLE_MAIN {
+        return None;
+    }
+    let dst = dst.unwrap_or(if v6 {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    });
+    Some(RouteEntry {
+        dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+        gw,
+        oif,
+    })
+}
+
+/// Main-table routes of both families.
+pub async fn routes(h: &Handle) -> Result<Vec<RouteEntry>, NetlinkError> {
+    let mut out = Vec::new();
+    for msg in [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let mut s = h.route().get(msg).execute();
+        while let Some(m) = s.try_next().await.map_err(req("listing routes"))? {
+            out.extend(route_of(&m));
+        }
+    }
+    Ok(out)
+}
+
+/// Adds a route to `dst` out of link `index`, via `gw` when given.
+pub async fn add_route(
+    h: &Handle,
+    index: u32,
+    dst: IpNet,
+    gw: Option<IpAddr>,
+) -> Result<(), NetlinkError> {
+    let what = format!("adding route {dst} via {gw:?} dev #{index}");
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .map_err(|e| NetlinkError::Invalid(format!("{what}: {e}")))?
+        .output_interface(index);
+    if let Some(gw) = gw {
+        b = b
+            .gateway(gw)
+            .map_err(|e| NetlinkError::Invalid(format!("{what}: {e}")))?;
+    }
+    h.route()
+        .add(b.build())
+        .execute()
+        .await
+        .map_err(req(what.clone()))
+}

@@ -1,0 +1,140 @@
+//! Network namespace handles and running netlink work inside one.
+//!
+//! `setns` changes the calling thread, so the work runs on a fresh thread that enters
+//! the namespace, runs a current-thread tokio runtime for rtnetlink, and then exits,
+//! taking its namespace membership with it.
+
+use std::fs::File;
+use std::future::Future;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::CloneFlags;
+
+/// `statfs` magic of nsfs, where namespace files (and their bind mounts) live.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// `statfs` magic of procfs (`/proc/<pid>/ns/net` before it resolves to nsfs).
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("network namespace {0} does not exist")]
+    NotFound(PathBuf),
+    #[error("{0} is not a network namespace")]
+    NotNetns(PathBuf),
+    #[error("opening network namespace {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("entering network namespace {path}: {source}")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("starting the netlink runtime in {path}: {source}")]
+    Runtime {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the thread working in network namespace {0} panicked")]
+    Panicked(PathBuf),
+}
+
+/// An open network namespace file.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Opens `path` and checks that it is a namespace file.
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                NetnsError::NotFound(path.to_path_buf())
+            } else {
+                NetnsError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| NetnsError::Open {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+        let magic = i64::from(fs.filesystem_type().0 as i64);
+        if magic != NSFS_MAGIC && magic != PROC_SUPER_MAGIC {
+            return Err(NetnsError::NotNetns(path.to_path_buf()));
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The namespace of the calling thread.
+    pub fn current() -> Result<Self, NetnsError> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Runs `f` with an rtnetlink handle bound to this namespace, on a dedicated thread.
+    pub fn run<F, Fut, T>(&self, f: F) -> Result<T, NetnsError>
+    where
+        F: FnOnce(rtnetlink::Handle) -> Fut + Send,
+        Fut: Future<Output = T>,
+        T: Send,
+    {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(
+                    |source| {
+                        if source == nix::Error::EINVAL {
+                            NetnsError::NotNetns(self.path.clone())
+                        } else {
+                            NetnsError::Enter {
+                                path: self.path.clone(),
+                                source,
+                            }
+                        }
+                    },
+                )?;
+                block_on_netlink(f).map_err(|source| NetnsError::Runtime {
+                    path: self.path.clone(),
+                    source,
+                })
+            })
+            .join()
+            .map_err(|_| NetnsError::Panicked(self.path.clone()))?
+        })
+    }
+}
+
+/// Runs `f` with an rtnetlink handle in the calling thread's namespace, on a
+/// current-thread runtime. Plugins are short-lived processes, so the caller's thread
+/// is the right place; library users inside a tokio runtime call this from
+/// `spawn_blocking` or a thread of their own.
+pub fn block_on_netlink<F, Fut, T>(f: F) -> Result<T, std::io::Error>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let out = f(handle).await;
+        task.abort();
+        Ok(out)
+    })
+}
