@@ -15,6 +15,8 @@ use nix::sched::CloneFlags;
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 /// `statfs` magic of procfs (`/proc/<pid>/ns/net` before it resolves to nsfs).
 const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+/// `_IO(0xb7, 0x3)`: which kind of namespace an nsfs fd refers to.
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -65,6 +67,11 @@ impl Netns {
         #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
         let magic = i64::from(fs.filesystem_type().0 as i64);
         if magic != NSFS_MAGIC && magic != PROC_SUPER_MAGIC {
+            return Err(NetnsError::NotNetns(path.to_path_buf()));
+        }
+        // SAFETY: NS_GET_NSTYPE takes no argument and only reads the open fd's namespace.
+        let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+        if kind != libc::CLONE_NEWNET {
             return Err(NetnsError::NotNetns(path.to_path_buf()));
         }
         Ok(Self {
