@@ -1,0 +1,747 @@
+//! The proxier against a fake kernel: an `Exec` that interprets `iptables-restore
+//! --noflush` payloads the way the real tool does (declare = create or flush, `-A`, `-I`,
+//! `-X`, reject jumps to missing chains) and prints `iptables-save` from what it holds.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::json;
+
+use super::*;
+use crate::proxy::events::MemoryRecorder;
+use crate::proxy::iptables::{BackendChoice, ExecOutput};
+
+type Tables = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+#[derive(Default)]
+struct FakeKernel {
+    tables: Mutex<Tables>,
+    calls: Mutex<Vec<(String, Vec<String>, String)>>,
+    fail_restores: Mutex<usize>,
+}
+
+const BUILTINS: &[(&str, &[&str])] = &[
+    ("nat", &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"]),
+    ("filter", &["INPUT", "FORWARD", "OUTPUT"]),
+];
+
+impl FakeKernel {
+    fn new() -> Arc<Self> {
+        let k = Self::default();
+        {
+            let mut t = k.tables.lock().unwrap();
+            for (table, chains) in BUILTINS {
+                let e = t.entry((*table).to_owned()).or_default();
+                for c in *chains {
+                    e.insert((*c).to_owned(), Vec::new());
+                }
+            }
+        }
+        Arc::new(k)
+    }
+
+    fn add_rule(&self, table: &str, chain: &str, rule: &str) {
+        self.tables
+            .lock()
+            .unwrap()
+            .entry(table.into())
+            .or_default()
+            .entry(chain.into())
+            .or_default()
+            .push(rule.into());
+    }
+
+    fn chain(&self, table: &str, chain: &str) -> Option<Vec<String>> {
+        self.tables.lock().unwrap().get(table)?.get(chain).cloned()
+    }
+
+    fn flush_table(&self, table: &str) {
+        let mut t = self.tables.lock().unwrap();
+        let e = t.get_mut(table).unwrap();
+        e.retain(|name, _| {
+            BUILTINS
+                .iter()
+                .any(|(tb, cs)| *tb == table && cs.contains(&name.as_str()))
+        });
+        for rules in e.values_mut() {
+            rules.clear();
+        }
+    }
+
+    /// Our chains and every hook, for comparing two kernels.
+    fn ours(&self) -> Tables {
+        let t = self.tables.lock().unwrap();
+        t.iter()
+            .map(|(name, chains)| {
+                let c = chains
+                    .iter()
+                    .filter(|(n, rules)| n.starts_with("FERRO-") || !rules.is_empty())
+                    .map(|(n, r)| (n.clone(), r.clone()))
+                    .collect();
+                (name.clone(), c)
+            })
+            .collect()
+    }
+
+    fn restores(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _, _)| p.ends_with("-restore"))
+            .map(|(_, _, s)| s.clone())
+            .collect()
+    }
+
+    fn conntrack_calls(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _, _)| p == "conntrack")
+            .map(|(_, a, _)| a.join(" "))
+            .collect()
+    }
+
+    fn restore(&self, payload: &str) -> Result<(), String> {
+        let mut all = self.tables.lock().unwrap();
+        let mut work = all.clone();
+        let mut table: Option<String> = None;
+        for line in payload.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = Some(t.to_owned());
+                continue;
+            }
+            let t = work
+                .get_mut(table.as_deref().ok_or("rule outside a table")?)
+                .ok_or("unknown table")?;
+            if line == "COMMIT" {
+                for (name, rules) in t.iter() {
+                    for r in rules {
+                        if let Some(target) =
+                            r.split(" -j ").nth(1).and_then(|s| s.split(' ').next())
+                            && target.starts_with("FERRO-")
+                            && !t.contains_key(target)
+                        {
+                            return Err(format!("{name}: jump to missing chain {target}"));
+                        }
+                    }
+                }
+                table = None;
+            } else if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split(' ').next().unwrap_or("");
+                t.insert(name.to_owned(), Vec::new());
+            } else if let Some(rest) = line.strip_prefix("-A ") {
+                let (chain, rule) = rest.split_once(' ').ok_or("bad -A")?;
+                t.get_mut(chain)
+                    .ok_or(format!("-A to missing chain {chain}"))?
+                    .push(rule.to_owned());
+            } else if let Some(rest) = line.strip_prefix("-I ") {
+                let mut it = rest.splitn(3, ' ');
+                let chain = it.next().unwrap_or("");
+                let _pos = it.next();
+                let rule = it.next().ok_or("bad -I")?;
+                t.get_mut(chain)
+                    .ok_or("-I to missing chain")?
+                    .insert(0, rule.to_owned());
+            } else if let Some(chain) = line.strip_prefix("-X ") {
+                let referenced = t.values().flatten().any(|r| {
+                    r.ends_with(&format!("-j {chain}")) || r.contains(&format!("-j {chain} "))
+                });
+                if referenced {
+                    return Err(format!("cannot delete referenced chain {chain}"));
+                }
+                t.remove(chain)
+                    .ok_or(format!("-X of missing chain {chain}"))?;
+            } else {
+                return Err(format!("unparsed line {line:?}"));
+            }
+        }
+        *all = work;
+        Ok(())
+    }
+}
+
+struct FakeExec(Arc<FakeKernel>);
+
+impl Exec for FakeExec {
+    fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> std::io::Result<ExecOutput> {
+        let k = &self.0;
+        let stdin = String::from_utf8_lossy(stdin.unwrap_or_default()).into_owned();
+        k.calls.lock().unwrap().push((
+            program.to_owned(),
+            args.iter().map(|s| (*s).to_owned()).collect(),
+            stdin.clone(),
+        ));
+        let ok = |s: String| {
+            Ok(ExecOutput {
+                code: Some(0),
+                stdout: s.into_bytes(),
+                stderr: vec![],
+            })
+        };
+        let fail = |s: String| {
+            Ok(ExecOutput {
+                code: Some(1),
+                stdout: vec![],
+                stderr: s.into_bytes(),
+            })
+        };
+        match program {
+            "iptables" if args == ["-V"] => ok("iptables v1.8.9 (nf_tables)\n".into()),
+            "iptables" => {
+                // -w 5 -t TABLE -S CHAIN
+                match k.chain(args[3], args[5]) {
+                    Some(rules) => ok(rules
+                        .iter()
+                        .map(|r| format!("-A {} {r}\n", args[5]))
+                        .collect()),
+                    None => fail("No chain/target/match by that name.".into()),
+                }
+            }
+            "iptables-save" => {
+                let t = k.tables.lock().unwrap();
+                let mut s = format!("*{}\n", args[1]);
+                for (name, rules) in &t[args[1]] {
+                    s.push_str(&format!(":{name} - [0:0]\n"));
+                    let _ = rules;
+                }
+                for (name, rules) in &t[args[1]] {
+                    for r in rules {
+                        s.push_str(&format!("-A {name} {r}\n"));
+                    }
+                }
+                s.push_str("COMMIT\n");
+                ok(s)
+            }
+            "iptables-restore" => {
+                {
+                    let mut f = k.fail_restores.lock().unwrap();
+                    if *f > 0 {
+                        *f -= 1;
+                        return fail("iptables-restore: line 2 failed".into());
+                    }
+                }
+                match k.restore(&stdin) {
+                    Ok(()) => ok(String::new()),
+                    Err(e) => fail(e),
+                }
+            }
+            "conntrack" | "sysctl" => ok(String::new()),
+            other => fail(format!("unexpected program {other}")),
+        }
+    }
+}
+
+fn config() -> ProxyConfig {
+    let mut c = ProxyConfig::new("node-a");
+    c.service_cidrs = vec!["10.96.0.0/16".parse().unwrap()];
+    c.cluster_cidr = Some("10.244.0.0/16".parse().unwrap());
+    c
+}
+
+fn proxier(k: &Arc<FakeKernel>) -> (Proxier, Arc<MemoryRecorder>) {
+    let exec: Arc<dyn Exec> = Arc::new(FakeExec(k.clone()));
+    let ipt = Iptables::detect(exec.clone(), BackendChoice::Auto).unwrap();
+    let events = Arc::new(MemoryRecorder::new());
+    (Proxier::new(config(), ipt, exec, events.clone()), events)
+}
+
+fn service(name: &str, ip: &str, ports: serde_json::Value, extra: serde_json::Value) -> Change {
+    let mut spec = json!({"clusterIP": ip, "ports": ports});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"namespace": "ns", "name": name},
+        "spec": spec,
+    }))
+    .unwrap();
+    Change::ServiceUpserted(Box::new(svc))
+}
+
+fn tcp(port: u16) -> serde_json::Value {
+    json!([{"name": "http", "port": port, "protocol": "TCP"}])
+}
+
+/// A slice of `svc` with endpoints (address, node) on port `http` = `port`.
+fn slice(svc: &str, name: &str, port: u16, proto: &str, eps: &[(&str, &str)]) -> Change {
+    let endpoints: Vec<_> = eps
+        .iter()
+        .map(|(ip, node)| {
+            if ip.is_empty() {
+                json!({"addresses": [], "nodeName": node})
+            } else {
+                json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": true}})
+            }
+        })
+        .collect();
+    let s: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": "ns", "name": name, "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": port, "protocol": proto}],
+    }))
+    .unwrap();
+    Change::SliceUpserted(Box::new(s))
+}
+
+/// What a fresh proxier writes for the same inputs on a fresh kernel.
+fn fresh_full_sync(changes: &[Change], foreign: impl Fn(&FakeKernel)) -> Tables {
+    let k = FakeKernel::new();
+    foreign(&k);
+    let (mut p, _) = proxier(&k);
+    for c in changes {
+        p.apply(c.clone());
+    }
+    p.sync().unwrap();
+    k.ours()
+}
+
+fn foreign_rules(k: &FakeKernel) {
+    k.tables
+        .lock()
+        .unwrap()
+        .get_mut("nat")
+        .unwrap()
+        .insert("OTHER-CHAIN".into(), vec![]);
+    k.add_rule("nat", "OTHER-CHAIN", "-j RETURN");
+    k.add_rule("nat", "PREROUTING", "-j OTHER-CHAIN");
+    k.add_rule("filter", "INPUT", "-p tcp --dport 22 -j ACCEPT");
+}
+
+fn dispatch_has(k: &FakeKernel, needle: &str) -> bool {
+    k.chain("nat", "FERRO-SERVICES")
+        .unwrap()
+        .iter()
+        .any(|r| r.contains(needle))
+}
+
+#[test]
+fn partial_syncs_write_only_changes_and_converge_to_a_full_sync() {
+    let k = FakeKernel::new();
+    foreign_rules(&k);
+    let (mut p, events) = proxier(&k);
+    let mut history = vec![
+        service("web", "10.96.0.10", tcp(80), json!({})),
+        slice(
+            "web",
+            "web-1",
+            8080,
+            "TCP",
+            &[("10.244.1.1", "node-b"), ("10.244.1.2", "node-b")],
+        ),
+        service("db", "10.96.0.11", tcp(5432), json!({})),
+        slice("db", "db-1", 5432, "TCP", &[("10.244.2.1", "node-a")]),
+    ];
+    for c in &history {
+        p.apply(c.clone());
+    }
+    let first = p.sync().unwrap();
+    assert!(first.full);
+    assert!(dispatch_has(&k, "-d 10.96.0.10/32"));
+    let hooks = k.chain("nat", "PREROUTING").unwrap();
+    assert_eq!(
+        hooks
+            .iter()
+            .filter(|r| r.ends_with("-j FERRO-SERVICES"))
+            .count(),
+        1
+    );
+
+    // Nothing changed: nothing written.
+    assert_eq!(p.sync().unwrap().bytes, 0);
+
+    // One endpoint changes: only web's service chain is rewritten.
+    let c = slice(
+        "web",
+        "web-1",
+        8080,
+        "TCP",
+        &[("10.244.1.1", "node-b"), ("10.244.1.3", "node-b")],
+    );
+    history.push(c.clone());
+    p.apply(c);
+    let r = p.sync().unwrap();
+    assert!(!r.full);
+    let payload = k.restores().pop().unwrap();
+    assert!(payload.contains("10.244.1.3:8080"));
+    assert!(
+        !payload.contains("FERRO-SERVICES"),
+        "dispatch untouched:\n{payload}"
+    );
+    assert!(!payload.contains("*filter"), "filter untouched:\n{payload}");
+    assert_eq!(
+        payload.lines().filter(|l| l.starts_with(':')).count(),
+        1,
+        "{payload}"
+    );
+
+    // A Service goes away: its chains are deleted, the dispatch rewritten.
+    let c = Change::ServiceDeleted(ServiceKey::new("ns", "db"));
+    history.push(c.clone());
+    p.apply(c);
+    p.sync().unwrap();
+    let payload = k.restores().pop().unwrap();
+    assert!(
+        payload.lines().any(|l| l.starts_with("-X FERRO-SVC-")),
+        "{payload}"
+    );
+    assert!(!dispatch_has(&k, "10.96.0.11"));
+
+    // The endpoints go away: the filter table rejects.
+    let c = slice("web", "web-1", 8080, "TCP", &[]);
+    history.push(c.clone());
+    p.apply(c);
+    p.sync().unwrap();
+    let rejects = k.chain("filter", "FERRO-SERVICES").unwrap();
+    assert_eq!(rejects.len(), 1);
+    assert!(rejects[0].contains("-d 10.96.0.10/32") && rejects[0].contains("REJECT"));
+
+    assert_eq!(k.ours(), fresh_full_sync(&history, foreign_rules));
+    assert_eq!(k.chain("nat", "OTHER-CHAIN").unwrap(), ["-j RETURN"]);
+    assert!(
+        k.chain("nat", "PREROUTING")
+            .unwrap()
+            .contains(&"-j OTHER-CHAIN".to_owned())
+    );
+    assert!(
+        k.chain("filter", "INPUT")
+            .unwrap()
+            .contains(&"-p tcp --dport 22 -j ACCEPT".to_owned())
+    );
+    for payload in k.restores() {
+        assert!(
+            !payload.contains("OTHER-CHAIN") && !payload.contains("--dport 22"),
+            "{payload}"
+        );
+        assert!(
+            !payload
+                .lines()
+                .any(|l| l.starts_with(":PREROUTING") || l.starts_with("-F"))
+        );
+    }
+    assert!(events.drain().is_empty());
+}
+
+#[test]
+fn full_sync_deletes_stale_chains_of_an_earlier_run_and_keeps_hooks_single() {
+    let k = FakeKernel::new();
+    {
+        let (mut p, _) = proxier(&k);
+        p.apply(service("old", "10.96.0.20", tcp(80), json!({})));
+        p.apply(slice(
+            "old",
+            "old-1",
+            80,
+            "TCP",
+            &[("10.244.1.9", "node-a")],
+        ));
+        p.sync().unwrap();
+    }
+    let before: usize = k.tables.lock().unwrap()["nat"].len();
+    let (mut p, _) = proxier(&k);
+    p.apply(service("new", "10.96.0.21", tcp(80), json!({})));
+    p.sync().unwrap();
+    let nat = k.tables.lock().unwrap()["nat"].clone();
+    assert!(nat.len() < before, "stale chains removed");
+    assert!(!nat.values().flatten().any(|r| r.contains("10.244.1.9")));
+    assert_eq!(nat["PREROUTING"].len(), 1);
+    assert_eq!(
+        k.ours(),
+        fresh_full_sync(&[service("new", "10.96.0.21", tcp(80), json!({}))], |_| {})
+    );
+}
+
+#[test]
+fn failed_restore_makes_the_next_sync_full() {
+    let k = FakeKernel::new();
+    let (mut p, _) = proxier(&k);
+    p.apply(service("web", "10.96.0.10", tcp(80), json!({})));
+    p.sync().unwrap();
+    *k.fail_restores.lock().unwrap() = 1;
+    p.apply(slice(
+        "web",
+        "web-1",
+        80,
+        "TCP",
+        &[("10.244.1.1", "node-b")],
+    ));
+    let err = p.sync().unwrap_err();
+    assert!(err.to_string().contains("line 2 failed"), "{err}");
+    assert!(p.needs_sync());
+    let r = p.sync().unwrap();
+    assert!(r.full);
+    assert!(k.chain("nat", "FERRO-SERVICES").is_some());
+    assert!(
+        k.tables.lock().unwrap()["nat"]
+            .values()
+            .flatten()
+            .any(|r| r.contains("10.244.1.1:80"))
+    );
+}
+
+#[test]
+fn canary_notices_a_flushed_table_and_the_full_sync_restores_it() {
+    let k = FakeKernel::new();
+    let (mut p, _) = proxier(&k);
+    p.apply(service("web", "10.96.0.10", tcp(80), json!({})));
+    p.apply(slice(
+        "web",
+        "web-1",
+        80,
+        "TCP",
+        &[("10.244.1.1", "node-b")],
+    ));
+    p.sync().unwrap();
+    let good = k.ours();
+    assert!(p.check_canary().unwrap());
+    assert!(!p.needs_sync());
+
+    k.flush_table("nat");
+    assert!(!p.check_canary().unwrap());
+    assert!(p.needs_sync());
+    assert!(p.sync().unwrap().full);
+    assert_eq!(k.ours(), good);
+}
+
+#[test]
+fn removed_udp_endpoints_lose_their_conntrack_entries() {
+    let k = FakeKernel::new();
+    let (mut p, _) = proxier(&k);
+    let udp = json!([{"name": "http", "port": 53, "protocol": "UDP", "nodePort": 30053}]);
+    p.apply(service(
+        "dns",
+        "10.96.0.53",
+        udp,
+        json!({"type": "NodePort"}),
+    ));
+    p.sync().unwrap();
+    p.apply(slice(
+        "dns",
+        "dns-1",
+        5353,
+        "UDP",
+        &[("10.244.1.1", "node-b"), ("10.244.1.2", "node-b")],
+    ));
+    p.sync().unwrap();
+    // Going from no endpoints to some clears flows that were never DNATed.
+    assert_eq!(
+        k.conntrack_calls(),
+        [
+            "-D -p udp --orig-dst 10.96.0.53",
+            "-D -p udp --orig-port-dst 30053"
+        ]
+    );
+    p.apply(slice(
+        "dns",
+        "dns-1",
+        5353,
+        "UDP",
+        &[("10.244.1.2", "node-b")],
+    ));
+    let r = p.sync().unwrap();
+    assert_eq!(r.conntrack_deletions, 2);
+    assert_eq!(
+        k.conntrack_calls()[2..],
+        [
+            "-D -p udp --orig-dst 10.96.0.53 --dst-nat 10.244.1.1",
+            "-D -p udp --orig-port-dst 30053 --dst-nat 10.244.1.1"
+        ]
+    );
+}
+
+#[test]
+fn named_target_ports_resolve_per_slice() {
+    let k = FakeKernel::new();
+    let (mut p, _) = proxier(&k);
+    p.apply(service("web", "10.96.0.10", tcp(80), json!({})));
+    p.apply(slice(
+        "web",
+        "web-1",
+        8080,
+        "TCP",
+        &[("10.244.1.1", "node-b")],
+    ));
+    p.apply(slice(
+        "web",
+        "web-2",
+        9090,
+        "TCP",
+        &[("10.244.1.2", "node-b")],
+    ));
+    p.sync().unwrap();
+    let nat = k.tables.lock().unwrap()["nat"].clone();
+    let all: Vec<&String> = nat.values().flatten().collect();
+    assert!(
+        all.iter()
+            .any(|r| r.ends_with("--to-destination 10.244.1.1:8080"))
+    );
+    assert!(
+        all.iter()
+            .any(|r| r.ends_with("--to-destination 10.244.1.2:9090"))
+    );
+}
+
+fn reasons(events: &MemoryRecorder) -> Vec<&'static str> {
+    events.drain().into_iter().map(|e| e.reason).collect()
+}
+
+#[test]
+fn bad_input_is_skipped_reported_and_does_not_hurt_other_services() {
+    let k = FakeKernel::new();
+    let (mut p, events) = proxier(&k);
+    p.apply(service("good", "10.96.0.10", tcp(80), json!({})));
+    p.apply(slice(
+        "good",
+        "good-1",
+        80,
+        "TCP",
+        &[("10.244.1.1", "node-b")],
+    ));
+
+    // Outside the service range, and not an IP at all.
+    p.apply(service("far", "172.16.0.1", tcp(80), json!({})));
+    p.apply(service("junk", "not-an-ip", tcp(80), json!({})));
+    // Two ports of one Service collide.
+    p.apply(service(
+        "twice",
+        "10.96.0.12",
+        json!([{"name": "a", "port": 80}, {"name": "b", "port": 80, "protocol": "TCP"}, {"name": "c", "port": 81}]),
+        json!({}),
+    ));
+    // An endpoint without addresses and one with a bad address, beside a good one.
+    p.apply(service("eps", "10.96.0.13", tcp(80), json!({})));
+    p.apply(slice(
+        "eps",
+        "eps-1",
+        80,
+        "TCP",
+        &[
+            ("", "node-b"),
+            ("10.244.1.300", "node-b"),
+            ("10.244.1.5", "node-b"),
+        ],
+    ));
+    p.sync().unwrap();
+
+    let mut got = reasons(&events);
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [
+            "ClusterIPOutOfRange",
+            "EndpointWithoutAddress",
+            "InvalidClusterIP",
+            "InvalidEndpointIP",
+            "PortCollision"
+        ]
+    );
+    assert!(dispatch_has(&k, "-d 10.96.0.10/32"));
+    assert!(!dispatch_has(&k, "172.16.0.1"));
+    let twice: Vec<String> = k
+        .chain("nat", "FERRO-SERVICES")
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.contains("10.96.0.12"))
+        .collect();
+    assert_eq!(twice.len(), 2, "ports a and c programmed: {twice:?}");
+    let nat = k.tables.lock().unwrap()["nat"].clone();
+    assert!(nat.values().flatten().any(|r| r.ends_with("10.244.1.5:80")));
+    assert!(!nat.values().flatten().any(|r| r.contains("10.244.1.300")));
+}
+
+#[test]
+fn colliding_node_ports_go_to_the_older_service_and_move_when_it_goes() {
+    let k = FakeKernel::new();
+    let (mut p, events) = proxier(&k);
+    let np = |ip: &str, name: &str, created: &str| {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": name, "creationTimestamp": created},
+            "spec": {"type": "NodePort", "clusterIP": ip, "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+        }))
+        .unwrap();
+        Change::ServiceUpserted(Box::new(svc))
+    };
+    p.apply(np("10.96.0.31", "young", "2024-02-01T00:00:00Z"));
+    p.apply(np("10.96.0.30", "old", "2024-01-01T00:00:00Z"));
+    p.sync().unwrap();
+    assert_eq!(reasons(&events), ["NodePortCollision"]);
+    let nodeports = k.chain("nat", "FERRO-NODEPORTS").unwrap();
+    assert_eq!(nodeports.len(), 1);
+    assert!(nodeports[0].contains("ns/old:http"));
+    // Both ClusterIPs still work.
+    assert!(dispatch_has(&k, "10.96.0.30") && dispatch_has(&k, "10.96.0.31"));
+
+    p.apply(Change::ServiceDeleted(ServiceKey::new("ns", "old")));
+    p.sync().unwrap();
+    let nodeports = k.chain("nat", "FERRO-NODEPORTS").unwrap();
+    assert_eq!(nodeports.len(), 1);
+    assert!(nodeports[0].contains("ns/young:http"), "{nodeports:?}");
+}
+
+#[test]
+fn node_pod_cidr_is_used_when_no_cluster_cidr_is_configured() {
+    let k = FakeKernel::new();
+    let exec: Arc<dyn Exec> = Arc::new(FakeExec(k.clone()));
+    let ipt = Iptables::detect(exec.clone(), BackendChoice::Auto).unwrap();
+    let mut cfg = config();
+    cfg.cluster_cidr = None;
+    let mut p = Proxier::new(cfg, ipt, exec, Arc::new(MemoryRecorder::new()));
+    p.apply(service("web", "10.96.0.10", tcp(80), json!({})));
+    p.apply(slice(
+        "web",
+        "web-1",
+        80,
+        "TCP",
+        &[("10.244.1.1", "node-b")],
+    ));
+    p.sync().unwrap();
+    let nat = k.tables.lock().unwrap()["nat"].clone();
+    assert!(!nat.values().flatten().any(|r| r.contains("! -s")));
+    let node: Node = serde_json::from_value(
+        json!({"metadata": {"name": "node-a"}, "spec": {"podCIDR": "10.244.7.0/24"}}),
+    )
+    .unwrap();
+    p.apply(Change::NodeUpserted(Box::new(node)));
+    p.sync().unwrap();
+    let nat = k.tables.lock().unwrap()["nat"].clone();
+    assert!(
+        nat.values()
+            .flatten()
+            .any(|r| r.contains("! -s 10.244.7.0/24 -j FERRO-MARK-MASQ"))
+    );
+}
+
+#[test]
+fn health_checks_count_local_endpoints() {
+    let k = FakeKernel::new();
+    let (mut p, _) = proxier(&k);
+    let ports = json!([{"name": "http", "port": 80, "nodePort": 30080}]);
+    p.apply(service(
+        "web",
+        "10.96.0.10",
+        ports,
+        json!({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}),
+    ));
+    p.apply(slice(
+        "web",
+        "web-1",
+        80,
+        "TCP",
+        &[("10.244.1.1", "node-a"), ("10.244.1.2", "node-b")],
+    ));
+    p.sync().unwrap();
+    let hc = p.health_checks();
+    assert_eq!(hc[&32000].local_endpoints, 1);
+    assert!(k.chain("filter", "FERRO-NODEPORTS").unwrap()[0].contains("--dport 32000"));
+}
