@@ -1,1 +1,12 @@
-//! Library of the component; the binary only parses arguments and calls in.
+//! `ferrolet-shim`: a CRI runtime with its own OCI container runtime.
+//!
+//! The crate is organised by concern: `container` turns an OCI runtime spec into a running
+//! process (through `namespaces`, `mounts` and `cgroups`), `monitor` is the small process
+//! that parents each container, keeps its logs (`logs`) and records its exit.
+
+pub mod cgroups;
+pub mod container;
+pub mod logs;
+pub mod monitor;
+pub mod mounts;
+pub mod namespaces;

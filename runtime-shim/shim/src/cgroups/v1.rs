@@ -1,0 +1,186 @@
+//! cgroup v1 through `cgroups-rs`: one directory per controller hierarchy.
+
+use cgroups_rs::CgroupPid;
+use cgroups_rs::fs::MaxValue;
+use cgroups_rs::fs::cgroup::Cgroup;
+use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::cpuacct::CpuAcctController;
+use cgroups_rs::fs::cpuset::CpuSetController;
+use cgroups_rs::fs::hierarchies::V1;
+use cgroups_rs::fs::memory::MemController;
+use cgroups_rs::fs::pid::PidController;
+
+use super::{CgroupError, Cgroups, Resources, Stats, drain, validate_path};
+
+/// The controllers a container cgroup is created in. `devices` and `freezer` are included so
+/// that every process of a container can be found (and frozen) from one place later.
+const CONTROLLERS: [&str; 7] = [
+    "cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer",
+];
+
+/// cgroup v1 manager over the hierarchies mounted on this host.
+#[derive(Debug, Default)]
+pub struct CgroupsV1;
+
+impl CgroupsV1 {
+    pub fn new() -> Self {
+        CgroupsV1
+    }
+
+    fn load(path: &str) -> Result<Cgroup, CgroupError> {
+        validate_path(path)?;
+        Ok(Cgroup::load_with_specified_controllers(
+            Box::new(V1::new()),
+            path,
+            CONTROLLERS.iter().map(|c| (*c).to_string()).collect(),
+        ))
+    }
+}
+
+fn v1_err(
+    path: &str,
+    op: &'static str,
+) -> impl FnOnce(cgroups_rs::fs::error::Error) -> CgroupError {
+    let path = path.to_string();
+    move |e| CgroupError::V1 {
+        path,
+        op,
+        message: error_chain(&e),
+    }
+}
+
+/// `cgroups-rs` errors keep the OS error as their source; show both.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+fn apply(cg: &Cgroup, path: &str, res: &Resources) -> Result<(), CgroupError> {
+    if let Some(cpuset) = cg.controller_of::<CpuSetController>() {
+        if let Some(cpus) = &res.cpuset_cpus {
+            cpuset
+                .set_cpus(cpus)
+                .map_err(v1_err(path, "set cpuset.cpus"))?;
+        }
+        if let Some(mems) = &res.cpuset_mems {
+            cpuset
+                .set_mems(mems)
+                .map_err(v1_err(path, "set cpuset.mems"))?;
+        }
+    }
+    if let Some(cpu) = cg.controller_of::<CpuController>() {
+        if let Some(shares) = res.cpu_shares {
+            cpu.set_shares(shares)
+                .map_err(v1_err(path, "set cpu.shares"))?;
+        }
+        if let Some(period) = res.cpu_period {
+            cpu.set_cfs_period(period)
+                .map_err(v1_err(path, "set cpu.cfs_period_us"))?;
+        }
+        if let Some(quota) = res.cpu_quota {
+            cpu.set_cfs_quota(quota)
+                .map_err(v1_err(path, "set cpu.cfs_quota_us"))?;
+        }
+    }
+    if let (Some(mem), Some(limit)) = (cg.controller_of::<MemController>(), res.memory_limit) {
+        mem.set_limit(limit)
+            .map_err(v1_err(path, "set memory.limit_in_bytes"))?;
+    }
+    if let (Some(pids), Some(limit)) = (cg.controller_of::<PidController>(), res.pids_limit) {
+        let max = if limit > 0 {
+            MaxValue::Value(limit)
+        } else {
+            MaxValue::Max
+        };
+        pids.set_pid_max(max)
+            .map_err(v1_err(path, "set pids.max"))?;
+    }
+    Ok(())
+}
+
+impl Cgroups for CgroupsV1 {
+    fn create(&self, path: &str, res: &Resources) -> Result<(), CgroupError> {
+        let cg = Self::load(path)?;
+        cg.create().map_err(v1_err(path, "create"))?;
+        if let Err(e) = apply(&cg, path, res) {
+            let _ = cg.delete();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn update(&self, path: &str, res: &Resources) -> Result<(), CgroupError> {
+        apply(&Self::load(path)?, path, res)
+    }
+
+    fn add_process(&self, path: &str, pid: u32) -> Result<(), CgroupError> {
+        Self::load(path)?
+            .add_task_by_tgid(CgroupPid::from(u64::from(pid)))
+            .map_err(v1_err(path, "add process"))
+    }
+
+    fn processes(&self, path: &str) -> Result<Vec<u32>, CgroupError> {
+        let cg = Self::load(path)?;
+        let mut pids: Vec<u32> = cg
+            .procs()
+            .into_iter()
+            .filter_map(|p| u32::try_from(p.pid).ok())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
+    }
+
+    fn stats(&self, path: &str) -> Result<Stats, CgroupError> {
+        let cg = Self::load(path)?;
+        let mut st = Stats::default();
+        if let Some(acct) = cg.controller_of::<CpuAcctController>() {
+            st.cpu_usage_ns = acct.cpuacct().usage;
+        }
+        if let Some(mem) = cg.controller_of::<MemController>() {
+            let m = mem.memory_stat();
+            st.memory_usage = m.usage_in_bytes;
+            st.memory_working_set = m.usage_in_bytes.saturating_sub(m.stat.total_inactive_file);
+            st.oom_kills = m.oom_control.oom_kill;
+        }
+        if let Some(pids) = cg.controller_of::<PidController>() {
+            st.pids = pids.get_pid_current().unwrap_or(0);
+        }
+        Ok(st)
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        Self::load(path).is_ok_and(|cg| cg.exists())
+    }
+
+    fn remove(&self, path: &str) -> Result<(), CgroupError> {
+        let cg = Self::load(path)?;
+        if !cg.exists() {
+            return Ok(());
+        }
+        drain(self, path)?;
+        // `Cgroup::delete` stops at the first controller that fails; go on through the rest
+        // so that one stuck directory does not leave the others behind.
+        let mut first_err = None;
+        for sub in cg.subsystems() {
+            let dir = sub.to_controller().path().to_path_buf();
+            if let Err(e) = std::fs::remove_dir(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+                && first_err.is_none()
+            {
+                first_err = Some(CgroupError::Io {
+                    path: dir.display().to_string(),
+                    op: "remove",
+                    source: e,
+                });
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
