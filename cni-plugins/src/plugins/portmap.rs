@@ -196,7 +196,7 @@ fn setup_family<R: Runner>(
     if maps.is_empty() {
         return Ok(());
     }
-    if !s.external_setmark {
+    if s.snat && !s.external_setmark {
         ipt.ensure_chain(TABLE, SETMARK_CHAIN)?;
         ipt.append_unique(
             TABLE,
@@ -216,20 +216,10 @@ fn setup_family<R: Runner>(
         ipt.append_unique(
             TABLE,
             MASQ_CHAIN,
-            &rule(&[
-                "-m",
-                "comment",
-                "--comment",
-                "CNI portfwd requiring masquerade",
-                "-m",
-                "mark",
-                "--mark",
-                &s.mark,
-                "-j",
-                "MASQUERADE",
-            ]),
+            &rule(&["-m", "mark", "--mark", &s.mark, "-j", "MASQUERADE"]),
         )?;
-        ipt.append_unique(
+        // First in POSTROUTING, ahead of ipMasq rules that would otherwise claim the packet.
+        ipt.insert_unique(
             TABLE,
             "POSTROUTING",
             &rule(&[
@@ -243,63 +233,61 @@ fn setup_family<R: Runner>(
         )?;
     }
     ipt.ensure_chain(TABLE, DNAT_CHAIN)?;
-    let conditions = if v4 {
-        &s.conditions_v4
-    } else {
-        &s.conditions_v6
-    };
-    let mut entry = conditions.clone();
-    entry.extend(rule(&[
-        "-m",
-        "addrtype",
-        "--dst-type",
-        "LOCAL",
-        "-j",
-        DNAT_CHAIN,
-    ]));
+    let entry = rule(&["-m", "addrtype", "--dst-type", "LOCAL", "-j", DNAT_CHAIN]);
     ipt.append_unique(TABLE, "PREROUTING", &entry)?;
     ipt.append_unique(TABLE, "OUTPUT", &entry)?;
 
     let chain = container_chain(&req.conf.name, &req.container_id);
     // A chain left by an interrupted ADD is rebuilt from scratch.
-    ipt.delete_chain(TABLE, &chain)?;
+    teardown_family(ipt, &chain)?;
     ipt.ensure_chain(TABLE, &chain)?;
     let cnet = cip.trunc().to_string();
     let caddr = cip.addr();
+    let everyone = if v4 { "0.0.0.0/0" } else { "::/0" };
     for m in &maps {
-        let hp = m.host_port.to_string();
-        let mut base = rule(&["-p", &m.protocol]);
+        let mut base = rule(&["-p", &m.protocol, "--dport", &m.host_port.to_string()]);
         if let Some(h) = m.host_ip {
             base.extend(rule(&["-d", &h.to_string()]));
         }
-        base.extend(rule(&["--dport", &hp]));
+        let with = |extra: &[&str]| {
+            let mut r = base.clone();
+            r.extend(rule(extra));
+            r
+        };
         if s.snat {
-            let mut hairpin = rule(&["-s", &cnet]);
-            hairpin.extend(base.clone());
-            hairpin.extend(rule(&["-j", &s.setmark_chain]));
-            ipt.append(TABLE, &chain, &hairpin)?;
-            if v4 {
-                let mut local = rule(&["-s", "127.0.0.1"]);
-                local.extend(base.clone());
-                local.extend(rule(&["-j", &s.setmark_chain]));
-                ipt.append(TABLE, &chain, &local)?;
+            // Hairpin traffic (or, with masqAll, all traffic) is masqueraded so that
+            // replies come back through this host.
+            let source = if s.masq_all { everyone } else { cnet.as_str() };
+            ipt.append(
+                TABLE,
+                &chain,
+                &with(&["-s", source, "-j", &s.setmark_chain]),
+            )?;
+            if v4 && !s.masq_all {
+                ipt.append(
+                    TABLE,
+                    &chain,
+                    &with(&["-s", "127.0.0.1", "-j", &s.setmark_chain]),
+                )?;
             }
-        }
-        if s.masq_all {
-            let mut all = base.clone();
-            all.extend(rule(&["-j", &s.setmark_chain]));
-            ipt.append(TABLE, &chain, &all)?;
         }
         let to = if v4 {
             format!("{caddr}:{}", m.container_port)
         } else {
             format!("[{caddr}]:{}", m.container_port)
         };
-        let mut dnat = base.clone();
-        dnat.extend(rule(&["-j", "DNAT", "--to-destination", &to]));
-        ipt.append(TABLE, &chain, &dnat)?;
+        ipt.append(
+            TABLE,
+            &chain,
+            &with(&["-j", "DNAT", "--to-destination", &to]),
+        )?;
     }
     let comment = dnat_comment(&req.conf.name, &req.container_id);
+    let conditions = if v4 {
+        &s.conditions_v4
+    } else {
+        &s.conditions_v6
+    };
     let mut protocols: Vec<&str> = maps.iter().map(|m| m.protocol.as_str()).collect();
     protocols.sort_unstable();
     protocols.dedup();
@@ -309,25 +297,24 @@ fn setup_family<R: Runner>(
             .filter(|m| m.protocol == p)
             .map(|m| m.host_port.to_string())
             .collect();
-        let ports = ports.join(",");
-        ipt.append_unique(
-            TABLE,
-            DNAT_CHAIN,
-            &rule(&[
-                "-p",
-                p,
+        // multiport takes at most 15 ports per rule.
+        for group in ports.chunks(15) {
+            let mut r = rule(&[
                 "-m",
                 "comment",
                 "--comment",
                 &comment,
                 "-m",
                 "multiport",
-                "--dports",
-                &ports,
-                "-j",
-                &chain,
-            ]),
-        )?;
+                "-p",
+                p,
+                "--destination-ports",
+                &group.join(","),
+            ]);
+            r.extend(conditions.iter().cloned());
+            r.extend(rule(&["-j", &chain]));
+            ipt.append_unique(TABLE, DNAT_CHAIN, &r)?;
+        }
     }
     Ok(())
 }
@@ -597,44 +584,73 @@ mod tests {
         })
     }
 
-    #[test]
-    fn rules_match_the_reference_layout() {
-        let req = request(conf(serde_json::json!([
-            {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
-            {"hostPort": 8081, "containerPort": 81, "protocol": "tcp", "hostIP": "192.168.1.1"}
-        ])));
+    fn setup(conf: serde_json::Value, cip: &str, v6: bool) -> (Vec<String>, String) {
+        let req = request(conf);
         let s = load(&req).unwrap();
         let rec = Recorder::default();
-        let ipt = Iptables::new(&rec, false);
-        setup_family(&ipt, &s, &req, "10.0.0.2/24".parse().unwrap()).unwrap();
-        let calls = rec.0.borrow();
-        let chain = container_chain("net", "ctr1");
-        let appended: Vec<&String> = calls.iter().filter(|c| c.contains(" -A ")).collect();
-        assert!(appended.iter().any(|c| c.as_str()
-            == format!(
-                "-t nat -A {chain} -s 10.0.0.0/24 -p tcp --dport 8080 -j CNI-HOSTPORT-SETMARK"
-            )));
-        assert!(appended.iter().any(|c| c.as_str()
-            == format!(
-                "-t nat -A {chain} -s 127.0.0.1 -p tcp --dport 8080 -j CNI-HOSTPORT-SETMARK"
-            )));
-        assert!(appended.iter().any(|c| c.as_str()
-            == format!("-t nat -A {chain} -p tcp -d 192.168.1.1 --dport 8081 -j DNAT --to-destination 10.0.0.2:81")));
-        assert!(appended.iter().any(|c| c.as_str()
-            == format!("-t nat -A CNI-HOSTPORT-DNAT -p tcp -m comment --comment dnat name: \"net\" id: \"ctr1\" -m multiport --dports 8080,8081 -j {chain}")));
-        assert!(
-            appended
-                .iter()
-                .any(|c| c.contains("-A CNI-HOSTPORT-SETMARK")
-                    && c.contains("--set-xmark 0x2000/0x2000"))
+        setup_family(&Iptables::new(&rec, v6), &s, &req, cip.parse().unwrap()).unwrap();
+        (rec.0.take(), container_chain("net", "ctr1"))
+    }
+
+    fn has(calls: &[String], want: &str) -> bool {
+        calls.iter().any(|c| c == want)
+    }
+
+    #[test]
+    fn rules_match_the_reference_layout() {
+        let (calls, chain) = setup(
+            conf(serde_json::json!([
+                {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                {"hostPort": 8081, "containerPort": 81, "protocol": "tcp", "hostIP": "192.168.1.1"}
+            ])),
+            "10.0.0.2/24",
+            false,
         );
-        assert!(appended.iter().any(|c| {
-            c.contains("-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT")
-        }));
+        let expected = [
+            format!("-t nat -A {chain} -p tcp --dport 8080 -s 10.0.0.0/24 -j CNI-HOSTPORT-SETMARK"),
+            format!("-t nat -A {chain} -p tcp --dport 8080 -s 127.0.0.1 -j CNI-HOSTPORT-SETMARK"),
+            format!("-t nat -A {chain} -p tcp --dport 8080 -j DNAT --to-destination 10.0.0.2:80"),
+            format!(
+                "-t nat -A {chain} -p tcp --dport 8081 -d 192.168.1.1 -j DNAT --to-destination 10.0.0.2:81"
+            ),
+            format!(
+                "-t nat -A CNI-HOSTPORT-DNAT -m comment --comment dnat name: \"net\" id: \"ctr1\" -m multiport -p tcp --destination-ports 8080,8081 -j {chain}"
+            ),
+            "-t nat -A CNI-HOSTPORT-SETMARK -m comment --comment CNI portfwd masquerade mark -j MARK --set-xmark 0x2000/0x2000".to_string(),
+            "-t nat -A CNI-HOSTPORT-MASQ -m mark --mark 0x2000/0x2000 -j MASQUERADE".to_string(),
+            "-t nat -I POSTROUTING 1 -m comment --comment CNI portfwd requiring masquerade -j CNI-HOSTPORT-MASQ".to_string(),
+            "-t nat -A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT".to_string(),
+            "-t nat -A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT".to_string(),
+        ];
+        for want in &expected {
+            assert!(has(&calls, want), "missing {want:?} in {calls:#?}");
+        }
+    }
+
+    #[test]
+    fn masq_all_and_no_snat() {
+        let mut c = conf(serde_json::json!([{"hostPort": 8080, "containerPort": 80}]));
+        c["masqAll"] = serde_json::json!(true);
+        c["conditionsV4"] = serde_json::json!(["-s", "192.0.2.0/24"]);
+        let (calls, chain) = setup(c, "10.0.0.2/24", false);
+        assert!(has(
+            &calls,
+            &format!("-t nat -A {chain} -p tcp --dport 8080 -s 0.0.0.0/0 -j CNI-HOSTPORT-SETMARK")
+        ));
+        assert!(!calls.iter().any(|c| c.contains("127.0.0.1")));
         assert!(
-            appended
+            calls
                 .iter()
-                .any(|c| c.contains("-A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT"))
+                .any(|c| c.contains("--destination-ports 8080 -s 192.0.2.0/24 -j CNI-DN-"))
+        );
+        let mut c = conf(serde_json::json!([{"hostPort": 8080, "containerPort": 80}]));
+        c["snat"] = serde_json::json!(false);
+        let (calls, _) = setup(c, "10.0.0.2/24", false);
+        assert!(
+            !calls
+                .iter()
+                .any(|c| c.contains("SETMARK") || c.contains("MASQ")),
+            "{calls:#?}"
         );
     }
 
