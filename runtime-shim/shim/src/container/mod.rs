@@ -3,6 +3,7 @@
 //! container, so a restarted shim finds its containers (and the exits it missed) again.
 
 pub mod caps;
+pub mod defaults;
 pub mod init;
 pub mod plan;
 mod state;

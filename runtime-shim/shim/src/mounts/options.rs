@@ -77,7 +77,8 @@ pub fn parse_options(options: &[String], destination: &str) -> Result<ParsedOpti
                 };
                 continue;
             }
-            other if other.contains('=') => {
+            // devpts' private-instance switch is filesystem data without a value.
+            other if other.contains('=') || other == "newinstance" => {
                 out.data.push(other.to_string());
                 continue;
             }
