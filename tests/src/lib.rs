@@ -2,6 +2,7 @@
 //! temp dirs, waiting with deadlines and cleanup guards.
 
 pub mod containerd;
+pub mod images;
 pub mod mounts;
 pub mod wait;
 
