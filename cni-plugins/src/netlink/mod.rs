@@ -170,9 +170,13 @@ pub async fn ensure_bridge(
             l
         }
         None => {
-            let mut b = LinkBridge::new(name);
+            // An explicit MAC keeps the bridge's address from following its ports.
+            let mut b = LinkBridge::new(name).address(random_mac().to_vec()).up();
             if let Some(mtu) = mtu {
                 b = b.mtu(mtu);
+            }
+            if promisc {
+                b = b.promiscuous(true);
             }
             match h.link().add(b.build()).execute().await {
                 Ok(()) => {}
@@ -199,31 +203,52 @@ pub async fn ensure_bridge(
     Ok(link)
 }
 
-/// Creates a veth pair in the handle's namespace: `name` here and `peer` in the
-/// namespace behind `peer_ns_fd`. Fails with EEXIST if either name is taken.
-pub async fn add_veth(
-    h: &Handle,
-    name: &str,
-    peer: &str,
-    peer_ns_fd: i32,
-    mtu: Option<u32>,
-) -> Result<(), NetlinkError> {
+/// A random unicast, locally administered MAC address.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac: [u8; 6] = rand::random();
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+/// A veth pair to create in one request: one end here (optionally attached to a
+/// bridge), the other end directly inside another namespace under its final name.
+#[derive(Debug, Clone)]
+pub struct VethPair<'a> {
+    pub name: &'a str,
+    pub mac: [u8; 6],
+    pub master: Option<u32>,
+    pub peer: &'a str,
+    pub peer_mac: [u8; 6],
+    pub peer_ns_fd: i32,
+    pub mtu: Option<u32>,
+}
+
+/// Creates the pair with the local end up; the peer cannot be brought up in the same
+/// request (the kernel configures it before the two ends are joined). Fails with EEXIST if either name is taken in its
+/// namespace.
+pub async fn add_veth(h: &Handle, v: &VethPair<'_>) -> Result<(), NetlinkError> {
     let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::default()
-        .name(peer)
-        .setns_by_fd(peer_ns_fd);
-    if let Some(mtu) = mtu {
+        .name(v.peer)
+        .address(v.peer_mac.to_vec())
+        .setns_by_fd(v.peer_ns_fd);
+    if let Some(mtu) = v.mtu {
         peer_msg = peer_msg.mtu(mtu);
     }
-    let mut veth =
-        LinkVeth::new(name, peer).set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())));
-    if let Some(mtu) = mtu {
+    let mut veth = LinkVeth::new(v.name, v.peer)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
+        .address(v.mac.to_vec())
+        .up();
+    if let Some(mtu) = v.mtu {
         veth = veth.mtu(mtu);
+    }
+    if let Some(master) = v.master {
+        veth = veth.controller(master);
     }
     h.link()
         .add(veth.build())
         .execute()
         .await
-        .map_err(req(format!("creating veth pair {name}/{peer}")))
+        .map_err(req(format!("creating veth pair {}/{}", v.name, v.peer)))
 }
 
 pub async fn set_up(h: &Handle, index: u32) -> Result<(), NetlinkError> {
@@ -269,6 +294,30 @@ fn address_of(m: &AddressMessage) -> Option<IpNet> {
         }
     }
     addr.and_then(|ip| IpNet::new(ip, m.header.prefix_len).ok())
+}
+
+/// Deletes the link called `name`; a missing link is not an error. One request, so a
+/// DEL costs a single round trip on top of the kernel's teardown.
+pub async fn delete_link_by_name(h: &Handle, name: &str) -> Result<bool, NetlinkError> {
+    let msg = LinkUnspec::new_with_name(name).build();
+    match h.link().del_with_message(msg).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(false),
+        Err(e) => Err(req(format!("deleting link {name}"))(e)),
+    }
+}
+
+/// Adds `addr` unless present; `Ok(false)` when it was already there.
+pub async fn add_address_if_missing(
+    h: &Handle,
+    index: u32,
+    addr: IpNet,
+) -> Result<bool, NetlinkError> {
+    match add_address(h, index, addr).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Addresses on link `index`, link-local IPv6 ones included.

@@ -130,9 +130,7 @@ impl Undo {
         }
         if let Some(name) = self.host_veth {
             let r = on_host(|h| async move {
-                if let Some(l) = netlink::link_by_name(&h, &name).await? {
-                    netlink::delete_link(&h, l.index).await?;
-                }
+                netlink::delete_link_by_name(&h, &name).await?;
                 Ok(())
             });
             if let Err(e) = r {
@@ -157,25 +155,27 @@ fn gateways(ips: &mut [IpConfig], is_gateway: bool) {
     }
 }
 
-/// Puts `gw/prefix` on the bridge, as the reference does: same address is fine, another
-/// IPv4 address (or an overlapping IPv6 one) is an error unless `forceAddress`.
+/// Puts `gw/prefix` on the bridge, as the reference does: the same address is fine,
+/// another IPv4 address (or an overlapping IPv6 one) is an error unless `forceAddress`.
+/// The common case, the gateway already there, costs a single request.
 async fn ensure_bridge_addr(
     h: &rtnetlink::Handle,
     bridge: &netlink::Link,
     want: IpNet,
     force: bool,
 ) -> Result<(), CniError> {
+    if !netlink::add_address_if_missing(h, bridge.index, want).await? {
+        return Ok(());
+    }
     for have in netlink::addresses(h, bridge.index).await? {
-        if have == want {
-            return Ok(());
-        }
-        if have.addr().is_ipv4() != want.addr().is_ipv4() {
+        if have == want || have.addr().is_ipv4() != want.addr().is_ipv4() {
             continue;
         }
         if want.addr().is_ipv4() || have.contains(&want.addr()) || want.contains(&have.addr()) {
             if force {
                 netlink::del_address(h, bridge.index, have).await?;
             } else {
+                netlink::del_address(h, bridge.index, want).await?;
                 return Err(CniError::new(
                     ErrorCode::Internal,
                     format!(
@@ -187,14 +187,7 @@ async fn ensure_bridge_addr(
             }
         }
     }
-    netlink::add_address(h, bridge.index, want).await?;
     Ok(())
-}
-
-struct Added {
-    bridge: netlink::Link,
-    host: netlink::Link,
-    container_mac: Option<String>,
 }
 
 fn add(
@@ -247,9 +240,11 @@ fn add(
 
     let host_name_owned = random_veth_name();
     let host_name = host_name_owned.as_str();
+    let (host_mac, container_mac) = (netlink::random_mac(), netlink::random_mac());
     let ips = &ipam_result.ips;
-    // Host side: the bridge (with gateway addresses) and the veth pair, whose container
-    // end is created directly inside the container namespace under its final name.
+    // Host side: the bridge (with gateway addresses) and the veth pair in one request,
+    // the host end attached and up, the container end created directly inside the
+    // container namespace under its final name.
     let (bridge, ns_fd) = (conf.bridge.as_str(), ns.raw_fd());
     let (bridge_link, created) = on_host(|h| async move {
         let br = netlink::ensure_bridge(&h, bridge, conf.mtu, conf.promisc_mode).await?;
@@ -263,11 +258,27 @@ fn add(
                 }
             }
         }
-        match netlink::add_veth(&h, host_name, &req.ifname, ns_fd, conf.mtu).await {
-            Ok(()) => Ok((br, true)),
-            Err(e) if e.errno() == Some(libc::EEXIST) => Ok((br, false)),
-            Err(e) => Err(e.into()),
+        let pair = netlink::VethPair {
+            name: host_name,
+            mac: host_mac,
+            master: Some(br.index),
+            peer: &req.ifname,
+            peer_mac: container_mac,
+            peer_ns_fd: ns_fd,
+            mtu: conf.mtu,
+        };
+        match netlink::add_veth(&h, &pair).await {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::EEXIST) => return Ok((br, false)),
+            Err(e) => return Err(e.into()),
         }
+        if conf.hairpin_mode {
+            let l = netlink::link_by_name(&h, host_name)
+                .await?
+                .ok_or_else(|| CniError::msg(ErrorCode::Internal, "host veth vanished"))?;
+            netlink::set_hairpin(&h, l.index, true).await?;
+        }
+        Ok((br, true))
     })?;
     if !created {
         return Err(CniError::new(
@@ -290,7 +301,7 @@ fn add(
     // Container side: addresses and routes.
     let ifname = req.ifname.as_str();
     let routes_ref = &routes;
-    let container_mac = in_netns(&ns, |h| async move {
+    in_netns(&ns, |h| async move {
         let link = netlink::link_by_name(&h, ifname)
             .await?
             .ok_or_else(|| CniError::msg(ErrorCode::Internal, "container veth vanished"))?;
@@ -307,31 +318,9 @@ fn add(
             });
             netlink::add_route(&h, link.index, r.dst, gw).await?;
         }
-        Ok(link.mac)
+        Ok(())
     })?;
-
-    // Host side again: attach the veth to the bridge and bring it up.
-    let bridge_index = bridge_link.index;
-    let host_link = on_host(|h| async move {
-        let l = netlink::link_by_name(&h, host_name)
-            .await?
-            .ok_or_else(|| CniError::msg(ErrorCode::Internal, "host veth vanished"))?;
-        netlink::set_master(&h, l.index, bridge_index).await?;
-        if conf.hairpin_mode {
-            netlink::set_hairpin(&h, l.index, true).await?;
-        }
-        netlink::set_up(&h, l.index).await?;
-        // The bridge's MAC may change as ports join; report the current one.
-        let br = netlink::link_by_index(&h, bridge_index)
-            .await?
-            .unwrap_or(bridge_link);
-        Ok((br, l))
-    })?;
-    let added = Added {
-        bridge: host_link.0,
-        host: host_link.1,
-        container_mac,
-    };
+    let container_mac = netlink::format_mac(&container_mac);
 
     if conf.ip_masq {
         undo.masq = true;
@@ -342,9 +331,7 @@ fn add(
     }
     if conf.macspoofchk {
         undo.macspoof = true;
-        if let Some(mac) = &added.container_mac {
-            Nft::new(SystemRunner).add_macspoof(&added.host.name, mac, &masq_chain(req))?;
-        }
+        Nft::new(SystemRunner).add_macspoof(host_name, &container_mac, &masq_chain(req))?;
     }
 
     let dns = match &req.conf.dns {
@@ -355,18 +342,18 @@ fn add(
         cni_version: req.version.to_string(),
         interfaces: vec![
             Interface {
-                name: added.bridge.name,
-                mac: added.bridge.mac,
+                name: bridge_link.name,
+                mac: bridge_link.mac,
                 ..Interface::default()
             },
             Interface {
-                name: added.host.name,
-                mac: added.host.mac,
+                name: host_name_owned,
+                mac: Some(netlink::format_mac(&host_mac)),
                 ..Interface::default()
             },
             Interface {
                 name: req.ifname.clone(),
-                mac: added.container_mac,
+                mac: Some(container_mac),
                 sandbox: Some(ns.path().display().to_string()),
                 ..Interface::default()
             },
@@ -416,9 +403,7 @@ impl Plugin for Bridge {
         note(optional_netns(req).and_then(|ns| match ns {
             None => Ok(()),
             Some(ns) => in_netns(&ns, |h| async move {
-                if let Some(l) = netlink::link_by_name(&h, ifname).await? {
-                    netlink::delete_link(&h, l.index).await?;
-                }
+                netlink::delete_link_by_name(&h, ifname).await?;
                 Ok(())
             }),
         }));
