@@ -388,3 +388,37 @@ fn status_and_gc_are_delegated_to_ipam() {
     del(&dir, &host, Some(&c1), "keep", &conf).ok();
     del(&dir, &host, Some(&c2), "drop", &conf).ok();
 }
+
+#[test]
+fn a_host_local_that_is_not_our_sibling_is_executed() {
+    let (host, ctr) = (Ns::new("h"), Ns::new("c"));
+    // A copy has another inode, so bridge must run it as a process; a shell wrapper
+    // around it records that it ran.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("host-local-copy");
+    std::fs::copy(common::ours("host-local"), &copy).unwrap();
+    let marker = tmp.path().join("ran");
+    let wrapper = tmp.path().join("host-local");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$CNI_COMMAND\" >> {}\nexec {}\n",
+            marker.display(),
+            copy.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let dir = PluginDir::with(&[("bridge", common::ours("bridge")), ("host-local", wrapper)]);
+    let net = Net::new();
+    let conf = net.v4("10.77.10.0/24");
+    let r = add(&dir, &host, &ctr, "exec", &conf);
+    assert_eq!(r["ips"][0]["address"], "10.77.10.2/24");
+    del(&dir, &host, Some(&ctr), "exec", &conf).ok();
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "ADD\nDEL\n");
+    assert!(net.allocated().is_empty());
+}

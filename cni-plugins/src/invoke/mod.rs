@@ -106,13 +106,17 @@ pub fn dispatch(
 /// Sets up logging to stderr for a plugin binary: `FERROLET_CNI_LOG` holds the filter
 /// (default `warn`), because stdout belongs to the protocol.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERROLET_CNI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+        .with_ansi(false);
+    // Without the variable, a fixed level: parsing a filter costs start-up time that
+    // every container start pays.
+    let _ = match std::env::var("FERROLET_CNI_LOG") {
+        Ok(spec) => fmt
+            .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
+            .try_init(),
+        Err(_) => fmt.with_max_level(tracing::Level::WARN).try_init(),
+    };
 }
 
 #[cfg(test)]

@@ -401,4 +401,32 @@ mod tests {
         assert!(parse_cni_args("").unwrap().is_empty());
         assert!(parse_cni_args("=x").is_err());
     }
+
+    proptest::proptest! {
+        /// Whatever arrives on stdin, parsing ends in a request or a CNI error with a
+        /// well-known code; it never panics.
+        #[test]
+        fn arbitrary_stdin_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            if let Err((e, _)) = Request::parse(&env(&ADD_ENV), &bytes) {
+                proptest::prop_assert!(matches!(e.code.as_u32(), 1 | 4 | 6 | 7));
+            }
+        }
+
+        #[test]
+        fn json_shaped_configs_never_panic(
+            version in "(0\\.3\\.[01]|0\\.4\\.0|1\\.[01]\\.0|[0-9.]{0,6})",
+            name in "\\PC{0,12}",
+            kind in "\\PC{0,8}",
+            prev in proptest::option::of("\\PC{0,40}"),
+        ) {
+            let mut conf = serde_json::json!({"cniVersion": version, "name": name, "type": kind});
+            if let Some(p) = prev {
+                conf["prevResult"] = serde_json::from_str(&p).unwrap_or(Value::String(p));
+            }
+            let bytes = conf.to_string().into_bytes();
+            if let Err((e, _)) = Request::parse(&env(&ADD_ENV), &bytes) {
+                proptest::prop_assert!(matches!(e.code.as_u32(), 1 | 4 | 6 | 7));
+            }
+        }
+    }
 }

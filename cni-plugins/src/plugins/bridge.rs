@@ -5,7 +5,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::invoke::{Command, Plugin, Request, exec_delegate};
+use crate::invoke::{Command, Plugin, Request};
 use crate::iptables::{
     Iptables, IptablesError, Nft, SystemRunner, chain_name, setup_masquerade, teardown_masquerade,
 };
@@ -13,6 +13,7 @@ use crate::netlink;
 use crate::spec::{CniError, CniResult, ErrorCode, Interface, IpConfig, Route, validate_ifname};
 use crate::sysctl;
 
+use super::delegate::ipam as exec_delegate;
 use super::{in_netns, on_host, optional_netns, required_netns};
 
 pub struct Bridge;

@@ -2,6 +2,7 @@
 //! [`crate::invoke::run_main`] with one of them.
 
 pub mod bridge;
+mod delegate;
 pub mod host_local;
 pub mod loopback;
 pub mod portmap;
