@@ -6,6 +6,9 @@
 
 pub mod cgroups;
 pub mod container;
+pub mod cri;
+pub mod exec;
+pub mod image;
 pub mod logs;
 pub mod monitor;
 pub mod mounts;

@@ -17,6 +17,42 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serves CRI (RuntimeService and ImageService) on a unix socket.
+    Serve {
+        /// The unix socket to listen on.
+        #[arg(long, default_value = "/run/ferrolet-shim/ferrolet-shim.sock")]
+        socket: PathBuf,
+        /// State directory: containers, sandboxes, images.
+        #[arg(long, default_value = "/var/lib/ferrolet-shim")]
+        root: PathBuf,
+        /// Parent cgroup of pods that do not name one.
+        #[arg(long, default_value = "ferrolet")]
+        cgroup_parent: String,
+        /// Name of the sandbox (pause) image.
+        #[arg(long, default_value = ferrolet_shim::image::pause::PAUSE_IMAGE)]
+        pause_image: String,
+        /// Static pause binary to build the pause image from when it is missing
+        /// (default: `ferrolet-pause` beside this executable, if present).
+        #[arg(long)]
+        pause_binary: Option<PathBuf>,
+    },
+    /// Image store commands.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+    /// Internal: runs a command inside a running container (ExecSync).
+    #[command(hide = true)]
+    Exec {
+        /// Pid of the container's init process.
+        #[arg(long)]
+        pid: u32,
+        /// The container's state directory.
+        dir: PathBuf,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
     /// Internal: the per-container monitor started by the shim.
     #[command(hide = true)]
     Monitor {
@@ -38,17 +74,101 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// Imports OCI-layout or docker-archive tarballs (or an OCI layout directory).
+    Import {
+        #[arg(long, default_value = "/var/lib/ferrolet-shim")]
+        root: PathBuf,
+        files: Vec<PathBuf>,
+    },
+    /// Lists the images in the store.
+    List {
+        #[arg(long, default_value = "/var/lib/ferrolet-shim")]
+        root: PathBuf,
+    },
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Exec { pid, dir, args } => {
+            std::process::exit(ferrolet_shim::exec::main(pid, &dir, &args));
+        }
+        Command::Serve {
+            socket,
+            root,
+            cgroup_parent,
+            pause_image,
+            pause_binary,
+        } => {
+            init_tracing();
+            let exe = std::env::current_exe().context("find own executable")?;
+            let pause_binary = pause_binary.or_else(|| {
+                let beside = exe.with_file_name("ferrolet-pause");
+                beside.exists().then_some(beside)
+            });
+            let shim = ferrolet_shim::cri::Shim::open(ferrolet_shim::cri::ShimConfig {
+                root,
+                exe,
+                cgroups: ferrolet_shim::cgroups::CgroupDriver::detect(),
+                cgroup_parent,
+                pause_image,
+                pause_binary,
+            })?;
+            let rt = tokio::runtime::Runtime::new().context("start tokio")?;
+            rt.block_on(async move {
+                let shutdown = async {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    }
+                };
+                ferrolet_shim::cri::service::serve(shim, &socket, shutdown).await
+            })?;
+            Ok(())
+        }
+        Command::Images { command } => {
+            init_tracing();
+            match command {
+                ImagesCommand::Import { root, files } => {
+                    let store = ferrolet_shim::image::ImageStore::open(root.join("images"))?;
+                    for f in files {
+                        for rec in store
+                            .import(&f)
+                            .with_context(|| format!("import {}", f.display()))?
+                        {
+                            println!("{} {}", rec.id, rec.repo_tags.join(","));
+                        }
+                    }
+                }
+                ImagesCommand::List { root } => {
+                    let store = ferrolet_shim::image::ImageStore::open(root.join("images"))?;
+                    for rec in store.list() {
+                        println!("{} {} {}", rec.id, rec.size, rec.repo_tags.join(","));
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Monitor { dir, report_fd } => {
             std::process::exit(ferrolet_shim::monitor::main(&dir, report_fd));
         }
         Command::Start { root, id, hold } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_writer(std::io::stderr)
-                .init();
+            init_tracing();
             let exe = std::env::current_exe().context("find own executable")?;
             let rt = ferrolet_shim::container::Runtime::new(
                 &root,

@@ -182,6 +182,47 @@ pub fn run(plan: &InitPlan, fds: InitFds) -> Result<Infallible, InitError> {
     })
 }
 
+/// Runs `args` as an additional process of a running container (exec): the caller has
+/// already entered the container's namespaces and cgroup; this applies the container's user,
+/// capabilities, environment and working directory, then execs. Returns only on error.
+pub fn exec_process(plan: &InitPlan, args: &[String]) -> Result<Infallible, InitError> {
+    reset_signals();
+    let arg0 = args.first().ok_or(InitError::NotInPath(String::new()))?;
+    let (uid, gid, groups) = resolve_user(&plan.user)?;
+    let env = with_home(&plan.env, uid);
+    let exe = find_executable(arg0, &env)?;
+    switch_user(uid, gid, &groups, &plan.caps)?;
+    if plan.no_new_privs {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(InitError::NoNewPrivs(std::io::Error::last_os_error()));
+        }
+    }
+    // Set after the user switch, which clears it: the exec'd process dies with its helper
+    // when the shim gives up on it (ExecSync timeout).
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    nix::unistd::chdir(plan.cwd.as_str()).map_err(|source| InitError::Cwd {
+        cwd: plan.cwd.clone(),
+        source,
+    })?;
+    close_other_fds();
+    let c_exe = cstring(&exe)?;
+    let c_args = args
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let c_env = env
+        .iter()
+        .map(|e| cstring(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    let err = nix::unistd::execve(&c_exe, &c_args, &c_env).unwrap_err();
+    Err(InitError::Exec {
+        path: exe,
+        source: err,
+    })
+}
+
 fn cstring(s: &str) -> Result<CString, InitError> {
     CString::new(s).map_err(|_| InitError::Nul(s.to_string()))
 }
