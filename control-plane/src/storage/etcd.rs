@@ -13,8 +13,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KvClient,
+    PutOptions, Txn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 
 use super::{
@@ -31,9 +31,14 @@ const FUTURE: &str = "required revision is a future revision";
 /// A store on an etcd cluster. Cloning shares the connection.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    kv: KvClient,
+    watch: WatchClient,
     root: String,
 }
+
+/// Responses as large as etcd sends: a list of many objects easily passes the client's
+/// default of 4 MiB (10,000 pods of 2 KiB is 20 MiB).
+const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 
 fn etcd(context: &'static str) -> impl FnOnce(etcd_client::Error) -> StoreError {
     move |source| StoreError::Etcd { context, source }
@@ -67,7 +72,12 @@ impl EtcdStore {
             .await
             .map_err(etcd("connect"))?;
         let store = EtcdStore {
-            client,
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            watch: client
+                .watch_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
             root: root.to_owned(),
         };
         // Fail now rather than at the first request if nothing answers.
@@ -135,7 +145,7 @@ impl EtcdStore {
     /// etcd tells the compacted revision only to a watcher that starts before it: start one
     /// at revision 1 and read its cancellation.
     async fn compacted_revision(&self) -> Result<Revision, StoreError> {
-        let mut client = self.client.clone();
+        let mut client = self.watch.clone();
         let key = self.full_key("");
         let options = WatchOptions::new()
             .with_range(self.range_end(""))
@@ -175,7 +185,7 @@ impl EtcdStore {
             .when([guard])
             .and_then([op])
             .or_else([TxnOp::get(full, None)]);
-        let response = self.client.clone().txn(txn).await.map_err(etcd(context))?;
+        let response = self.kv.clone().txn(txn).await.map_err(etcd(context))?;
         let revision = response
             .header()
             .map_or(0, etcd_client::ResponseHeader::revision);
@@ -219,7 +229,7 @@ impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         check_key(key)?;
         let response = self
-            .client
+            .kv
             .clone()
             .get(self.full_key(key), None)
             .await
@@ -249,7 +259,7 @@ impl Store for EtcdStore {
             }
             _ => self.full_key(prefix),
         };
-        let response = match self.client.clone().get(start, Some(options)).await {
+        let response = match self.kv.clone().get(start, Some(options)).await {
             Ok(response) => response,
             Err(e) => {
                 return Err(self
@@ -368,7 +378,7 @@ impl Store for EtcdStore {
                 .with_revision(from)
                 .with_count_only();
             if let Err(e) = self
-                .client
+                .kv
                 .clone()
                 .get(self.full_key(prefix), Some(probe))
                 .await
@@ -381,7 +391,7 @@ impl Store for EtcdStore {
             .with_start_revision(from + 1)
             .with_prev_key();
         let stream = self
-            .client
+            .watch
             .clone()
             .watch(self.full_key(prefix), Some(options))
             .await
@@ -401,7 +411,7 @@ impl Store for EtcdStore {
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
         let response = self
-            .client
+            .kv
             .clone()
             .get(self.full_key(""), Some(GetOptions::new().with_count_only()))
             .await
@@ -414,7 +424,7 @@ impl Store for EtcdStore {
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         let options = etcd_client::CompactionOptions::new().with_physical();
-        match self.client.clone().compact(revision, Some(options)).await {
+        match self.kv.clone().compact(revision, Some(options)).await {
             Ok(_) => Ok(()),
             // Already compacted at or past it: nothing to do.
             Err(e) if message_of(&e).is_some_and(|m| m.contains(COMPACTED)) => Ok(()),

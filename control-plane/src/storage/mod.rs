@@ -15,6 +15,7 @@
 //! - [`sqlite::SqliteStore`]: embedded, one file, the default.
 //! - [`etcd::EtcdStore`]: etcd v3, for several API servers sharing one store.
 
+pub mod compactor;
 pub mod etcd;
 pub mod memory;
 pub mod sqlite;
