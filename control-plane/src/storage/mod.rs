@@ -22,7 +22,9 @@ pub mod sqlite;
 pub mod testing;
 mod watch;
 
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -182,7 +184,8 @@ pub trait Store: Send + Sync + 'static {
     /// The changes under `prefix` with a revision greater than `from`: first the ones already
     /// in history, then live ones. `from` = the revision of a list gives exactly the changes
     /// after that list. Fails with `Compacted` if history after `from` is gone and with
-    /// `FutureRevision` if `from` is newer than the current revision.
+    /// `FutureRevision` if `from` is newer than the current revision. (A compaction racing
+    /// with the start of the watch may instead show as the stream's first item, an `Err`.)
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError>;
 
     /// The revision of the latest write.
@@ -192,6 +195,43 @@ pub trait Store: Send + Sync + 'static {
     /// watches from revisions below it fail with `Compacted`. Compacting at or below an
     /// earlier compaction does nothing; above the current revision is `FutureRevision`.
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
+}
+
+/// The file of the embedded store inside the data dir.
+pub const SQLITE_FILE: &str = "store.db";
+
+/// Which store to open (from `--data-dir` / `--etcd-servers`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded store, [`SQLITE_FILE`] in `data_dir` (created if missing).
+    Sqlite {
+        data_dir: PathBuf,
+        durability: sqlite::Durability,
+    },
+    /// etcd at `endpoints`, keys under `root` (e.g. [`etcd::DEFAULT_ROOT`]).
+    Etcd {
+        endpoints: Vec<String>,
+        root: String,
+    },
+}
+
+/// Opens the store `backend` names.
+pub async fn open(backend: &Backend) -> Result<Arc<dyn Store>, StoreError> {
+    match backend {
+        Backend::Sqlite {
+            data_dir,
+            durability,
+        } => {
+            std::fs::create_dir_all(data_dir).map_err(|e| {
+                StoreError::Unavailable(format!("create data dir {}: {e}", data_dir.display()))
+            })?;
+            let store = sqlite::SqliteStore::open_with(&data_dir.join(SQLITE_FILE), *durability)?;
+            Ok(Arc::new(store))
+        }
+        Backend::Etcd { endpoints, root } => {
+            Ok(Arc::new(etcd::EtcdStore::connect(endpoints, root).await?))
+        }
+    }
 }
 
 /// Rejects keys no backend can hold the same way.
@@ -234,6 +274,40 @@ mod tests {
         assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
         assert_eq!(prefix_end(b""), None);
         assert_eq!(prefix_end(b"\xff\xff"), None);
+    }
+
+    #[tokio::test]
+    async fn open_picks_the_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let store = open(&Backend::Sqlite {
+            data_dir: data_dir.clone(),
+            durability: sqlite::Durability::default(),
+        })
+        .await
+        .unwrap();
+        store.create("/a", Bytes::from_static(b"1")).await.unwrap();
+        assert!(data_dir.join(SQLITE_FILE).is_file());
+
+        let err = open(&Backend::Etcd {
+            endpoints: Vec::new(),
+            root: etcd::DEFAULT_ROOT.to_owned(),
+        })
+        .await
+        .err()
+        .expect("no endpoints");
+        assert!(matches!(err, StoreError::InvalidArgument(_)), "{err}");
+        let err = open(&Backend::Etcd {
+            endpoints: vec!["http://127.0.0.1:1".to_owned()],
+            root: "registry/".to_owned(),
+        })
+        .await
+        .err()
+        .expect("bad root");
+        assert!(
+            matches!(err, StoreError::InvalidArgument(ref m) if m.contains("root")),
+            "{err}"
+        );
     }
 
     #[test]
