@@ -370,7 +370,8 @@ fn status_and_gc_are_delegated_to_ipam() {
     let (host, c1, c2) = (Ns::new("h"), Ns::new("c"), Ns::new("c"));
     let dir = PluginDir::ours();
     let net = Net::new();
-    let conf = net.conf("1.1.0", json!([[{"subnet": "10.77.9.0/24"}]]));
+    let mut conf = net.conf("1.1.0", json!([[{"subnet": "10.77.9.0/24"}]]));
+    conf["ipMasq"] = json!(true);
     add(&dir, &host, &c1, "keep", &conf);
     add(&dir, &host, &c2, "drop", &conf);
     let status = Call::new("STATUS", "", None, dir.path());
@@ -385,6 +386,11 @@ fn status_and_gc_are_delegated_to_ipam() {
     )
     .ok();
     assert_eq!(net.allocated(), ["10.77.9.2"]);
+    let nat = host.nat_rules(false);
+    assert!(
+        nat.contains("-s 10.77.9.2/32") && !nat.contains("10.77.9.3"),
+        "{nat}"
+    );
     del(&dir, &host, Some(&c1), "keep", &conf).ok();
     del(&dir, &host, Some(&c2), "drop", &conf).ok();
 }

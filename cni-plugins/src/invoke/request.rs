@@ -236,6 +236,36 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// GC's `cni.dev/valid-attachments` as (container id, ifname) pairs; the misspelt
+    /// `cni.dev/attachments` that some runtimes also send is accepted.
+    pub fn valid_attachments(&self) -> Result<Vec<(String, String)>, CniError> {
+        #[derive(Deserialize)]
+        struct Attachment {
+            #[serde(rename = "containerID")]
+            container_id: String,
+            #[serde(default)]
+            ifname: String,
+        }
+        let list = self
+            .raw
+            .get("cni.dev/valid-attachments")
+            .or_else(|| self.raw.get("cni.dev/attachments"))
+            .filter(|v| !v.is_null())
+            .cloned()
+            .unwrap_or(Value::Array(Vec::new()));
+        let list: Vec<Attachment> = serde_json::from_value(list).map_err(|e| {
+            CniError::new(
+                ErrorCode::InvalidConfig,
+                "invalid cni.dev/valid-attachments",
+                e.to_string(),
+            )
+        })?;
+        Ok(list
+            .into_iter()
+            .map(|a| (a.container_id, a.ifname))
+            .collect())
+    }
+
     /// A plugin-specific configuration struct read from the whole stdin object.
     pub fn plugin_conf<T: serde::de::DeserializeOwned>(&self) -> Result<T, CniError> {
         serde_json::from_value(self.raw.clone()).map_err(|e| {

@@ -253,6 +253,20 @@ pub fn split_rule_line(line: &str) -> Vec<String> {
     words
 }
 
+/// The container ids named in rule comments of the form `<prefix><id>"`, e.g.
+/// `name: "net" id: "abc"` with prefix `name: "net" id: "`.
+pub fn commented_ids(rules: &[String], prefix: &str) -> std::collections::HashSet<String> {
+    rules
+        .iter()
+        .filter_map(|line| {
+            let words = split_rule_line(line);
+            let i = words.iter().position(|w| w == "--comment")?;
+            let id = words.get(i + 1)?.strip_prefix(prefix)?.strip_suffix('"')?;
+            Some(id.to_string())
+        })
+        .collect()
+}
+
 /// The 28-character chain names the reference plugins use: `prefix` plus the start
 /// of the SHA-512 of `name` and `id`, so chains of one container are found again.
 pub fn chain_name(prefix: &str, name: &str, id: &str) -> String {

@@ -1,13 +1,16 @@
 //! `bridge`: a Linux bridge on the host, a veth pair per container, addresses from the
 //! IPAM plugin named in `ipam`.
 
+use std::collections::HashSet;
+
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::invoke::{Command, Plugin, Request};
 use crate::iptables::{
-    Iptables, IptablesError, Nft, SystemRunner, chain_name, setup_masquerade, teardown_masquerade,
+    Iptables, IptablesError, Nft, SystemRunner, chain_name, commented_ids, setup_masquerade,
+    teardown_masquerade,
 };
 use crate::netlink;
 use crate::spec::{CniError, CniResult, ErrorCode, Interface, IpConfig, Route, validate_ifname};
@@ -529,8 +532,28 @@ impl Plugin for Bridge {
     }
 
     fn gc(&self, req: &Request) -> Result<(), CniError> {
-        let (_, ipam) = load(req)?;
+        let (conf, ipam) = load(req)?;
         exec_delegate(&ipam, Command::Gc, req)?;
+        if conf.ip_masq {
+            let valid: HashSet<String> = req
+                .valid_attachments()?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            let prefix = format!("name: \"{}\" id: \"", req.conf.name);
+            for v6 in [false, true] {
+                let ipt = Iptables::new(SystemRunner, v6);
+                let Some(rules) = ipt.list("nat", "POSTROUTING")? else {
+                    continue;
+                };
+                for id in commented_ids(&rules, &prefix) {
+                    if !valid.contains(&id) {
+                        tracing::info!(container = %id, "gc removes ipMasq rules");
+                        teardown_masquerade(&ipt, &chain_name("CNI-", &req.conf.name, &id))?;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -3,8 +3,6 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use serde::Deserialize;
-
 use crate::invoke::{Plugin, Request};
 use crate::ipam::config::requested_ips;
 use crate::ipam::{
@@ -95,14 +93,6 @@ fn allocate(
     }
 }
 
-#[derive(Deserialize)]
-struct Attachment {
-    #[serde(rename = "containerID")]
-    container_id: String,
-    #[serde(default)]
-    ifname: String,
-}
-
 impl Plugin for HostLocal {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let (conf, mut store) = open(req)?;
@@ -168,27 +158,11 @@ impl Plugin for HostLocal {
     }
 
     fn gc(&self, req: &Request) -> Result<(), CniError> {
-        let list = req
-            .raw
-            .get("cni.dev/valid-attachments")
-            .or_else(|| req.raw.get("cni.dev/attachments"))
-            .cloned()
-            .unwrap_or_default();
-        let valid: Vec<Attachment> = if list.is_null() {
-            Vec::new()
-        } else {
-            serde_json::from_value(list).map_err(|e| {
-                CniError::new(
-                    ErrorCode::InvalidConfig,
-                    "invalid cni.dev/valid-attachments",
-                    e.to_string(),
-                )
-            })?
-        };
-        let valid_ids: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
+        let valid = req.valid_attachments()?;
+        let valid_ids: HashSet<&str> = valid.iter().map(|(id, _)| id.as_str()).collect();
         let valid: HashSet<(&str, &str)> = valid
             .iter()
-            .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+            .map(|(id, ifname)| (id.as_str(), ifname.as_str()))
             .collect();
         let (_, mut store) = open(req)?;
         let mut errors = Vec::new();

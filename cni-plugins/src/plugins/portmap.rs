@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::invoke::{Plugin, Request};
 use crate::iptables::{
-    Iptables, IptablesError, Runner, SystemRunner, chain_name, rule, split_rule_line,
+    Iptables, IptablesError, Runner, SystemRunner, chain_name, commented_ids, rule,
 };
 use crate::spec::{CniError, CniResult, ErrorCode};
 use crate::sysctl;
@@ -478,44 +478,19 @@ impl Plugin for Portmap {
     fn gc(&self, req: &Request) -> Result<(), CniError> {
         load(req)?;
         let valid: HashSet<String> = req
-            .raw
-            .get("cni.dev/valid-attachments")
-            .or_else(|| req.raw.get("cni.dev/attachments"))
-            .and_then(|v| v.as_array())
-            .map(|list| {
-                list.iter()
-                    .filter_map(|a| {
-                        a.get("containerID")
-                            .and_then(|c| c.as_str())
-                            .map(str::to_string)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+            .valid_attachments()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let prefix = format!("dnat name: \"{}\" id: \"", req.conf.name);
         let mut errors = Vec::new();
         for ipt in families() {
             let Some(rules) = ipt.list(TABLE, DNAT_CHAIN)? else {
                 continue;
             };
-            let mut stale = HashSet::new();
-            for line in &rules {
-                let words = split_rule_line(line);
-                let Some(comment) = words
-                    .iter()
-                    .position(|w| w == "--comment")
-                    .and_then(|i| words.get(i + 1))
-                else {
-                    continue;
-                };
-                if let Some(id) = comment
-                    .strip_prefix(&prefix)
-                    .and_then(|r| r.strip_suffix('"'))
-                    && !valid.contains(id)
-                {
-                    stale.insert(id.to_string());
-                }
-            }
+            let stale = commented_ids(&rules, &prefix)
+                .into_iter()
+                .filter(|id| !valid.contains(id));
             for id in stale {
                 if let Err(e) = teardown_family(&ipt, &container_chain(&req.conf.name, &id)) {
                     errors.push(e.to_string());
