@@ -2,4 +2,6 @@
 //! controllers. The binary only parses arguments and calls in here.
 
 pub mod api;
+pub mod certs;
+pub mod server;
 pub mod storage;

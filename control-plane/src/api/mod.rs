@@ -1,1 +1,19 @@
 //! The Kubernetes REST API: discovery, resources, watch, validation and defaulting.
+
+pub mod allocator;
+pub mod decode;
+pub mod discovery;
+pub mod error;
+pub mod handler;
+pub mod object;
+pub mod openapi;
+pub mod patch;
+pub mod registry;
+pub mod request;
+pub mod selectors;
+pub mod table;
+pub mod validation;
+pub mod watchcache;
+
+pub use error::{ApiError, FieldError};
+pub use handler::{Api, Reply, ResourceRequest};
