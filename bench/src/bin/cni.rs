@@ -101,8 +101,6 @@ impl Impl {
     /// Runs the bridge plugin in `host`; returns its wall time and the CPU time it and
     /// its IPAM child used (CPU time is steadier than wall time on a busy machine).
     fn invoke(&self, host: &File, command: &str, id: &str, netns: &Path) -> Result<Sample> {
-        let conf = self.conf.to_string();
-        let fd = host.as_raw_fd();
         let mut cmd = Command::new(self.dir.join("bridge"));
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -110,43 +108,66 @@ impl Impl {
             .env("CNI_CONTAINERID", id)
             .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", &self.dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: only the async-signal-safe setns(2) runs between fork and exec, on an
-        // fd the parent keeps open until the child is spawned.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let cpu_before = children_cpu();
-        let start = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {} bridge", self.label))?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(conf.as_bytes())?;
-        let out = child.wait_with_output()?;
-        let took = start.elapsed();
-        let cpu = children_cpu().saturating_sub(cpu_before);
-        if !out.status.success() {
-            bail!(
-                "{} {command} failed: {} {}",
-                self.label,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(Sample { wall: took, cpu })
+            .env("CNI_PATH", &self.dir);
+        timed(host, cmd, self.conf.to_string().as_bytes())
+            .with_context(|| format!("{} {command}", self.label))
     }
+}
+
+/// Runs `cmd` inside namespace `host` with `stdin`; fails unless it exits 0.
+fn timed(host: &File, mut cmd: Command, stdin: &[u8]) -> Result<Sample> {
+    let fd = host.as_raw_fd();
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only the async-signal-safe setns(2) runs between fork and exec, on an
+    // fd the parent keeps open until the child is spawned.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let cpu_before = children_cpu();
+    let start = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    child.stdin.take().context("stdin")?.write_all(stdin)?;
+    let out = child.wait_with_output()?;
+    let wall = start.elapsed();
+    let cpu = children_cpu().saturating_sub(cpu_before);
+    if !out.status.success() {
+        bail!(
+            "failed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(Sample { wall, cpu })
+}
+
+/// The floor under any CNI plugin here: one `ip` process that creates (or deletes) a
+/// veth pair with its peer in the container namespace, i.e. a program start plus the
+/// kernel's own work, without addresses, routes or IPAM.
+fn floor(host: &File, command: &str, i: usize, netns: &Ns) -> Result<Sample> {
+    let mut cmd = Command::new("ip");
+    if command == "ADD" {
+        cmd.args([
+            "link",
+            "add",
+            &format!("fl{i}"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+        ])
+        .args(["netns", &netns.name]);
+    } else {
+        cmd.args(["link", "del", &format!("fl{i}")]);
+    }
+    timed(host, cmd, b"")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -223,11 +244,11 @@ fn main() -> Result<()> {
         )?,
     ];
 
-    eprintln!("creating {} network namespaces...", 2 * args.count + 2);
+    eprintln!("creating {} network namespaces...", 3 * args.count + 2);
     let host_ns = Ns::new(format!("cnibench-h{tag}"))?;
     let host = File::open(&host_ns.path)?;
     let mut ctrs: Vec<Vec<Ns>> = Vec::new();
-    for (k, _) in impls.iter().enumerate() {
+    for k in 0..3 {
         let set = (0..args.count)
             .map(|i| Ns::new(format!("cnibench-{tag}-{k}-{i}")))
             .collect::<Result<Vec<_>>>()?;
@@ -245,13 +266,14 @@ fn main() -> Result<()> {
     }
 
     // Interleave implementations sample by sample so drifts in machine load hit both.
-    let mut add: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new()];
-    let mut del: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new()];
+    let mut add: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut del: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new(), Vec::new()];
     for (command, samples) in [("ADD", &mut add), ("DEL", &mut del)] {
-        for (i, pair) in ctrs[0].iter().zip(&ctrs[1]).enumerate() {
+        for (i, ((a, b), c)) in ctrs[0].iter().zip(&ctrs[1]).zip(&ctrs[2]).enumerate() {
             let id = format!("c{i}");
-            samples[0].push(impls[0].invoke(&host, command, &id, &pair.0.path)?);
-            samples[1].push(impls[1].invoke(&host, command, &id, &pair.1.path)?);
+            samples[0].push(impls[0].invoke(&host, command, &id, &a.path)?);
+            samples[1].push(impls[1].invoke(&host, command, &id, &b.path)?);
+            samples[2].push(floor(&host, command, i, c)?);
         }
     }
 
@@ -262,29 +284,30 @@ fn main() -> Result<()> {
         args.count
     );
     println!(
-        "| op | ferrolet p50 | ferrolet p99 | reference p50 | reference p99 | speedup p50 | speedup p99 |"
+        "| op | ferrolet p50 | ferrolet p99 | reference p50 | reference p99 | speedup p50 | speedup p99 | ip(8) veth floor p50 |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut report = serde_json::Map::new();
     for (op, samples) in [("ADD", &add), ("DEL", &del)] {
         for (kind, f) in [
             ("wall", &wall as &dyn Fn(&[Sample]) -> Stats),
             ("cpu", &cpu),
         ] {
-            let (o, r) = (f(&samples[0]), f(&samples[1]));
+            let (o, r, fl) = (f(&samples[0]), f(&samples[1]), f(&samples[2]));
             println!(
-                "| {op} {kind} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1}x | {:.1}x |",
+                "| {op} {kind} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1}x | {:.1}x | {:.2} ms |",
                 o.p50,
                 o.p99,
                 r.p50,
                 r.p99,
                 r.p50 / o.p50,
-                r.p99 / o.p99
+                r.p99 / o.p99,
+                fl.p50
             );
             let side = |st: Stats| json!({"p50_ms": st.p50, "p99_ms": st.p99, "mean_ms": st.mean});
             report.insert(
                 format!("{}_{kind}", op.to_lowercase()),
-                json!({"ferrolet": side(o), "reference": side(r),
+                json!({"ferrolet": side(o), "reference": side(r), "ip_veth_floor": side(fl),
                        "speedup_p50": r.p50 / o.p50, "speedup_p99": r.p99 / o.p99}),
             );
         }
