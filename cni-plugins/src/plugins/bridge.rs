@@ -204,6 +204,7 @@ fn add(
     let mut ipam_result = exec_delegate(ipam, Command::Add, req)?
         .ok_or_else(|| CniError::msg(ErrorCode::Internal, "IPAM returned no result"))?;
     undo.ipam = true;
+    tracing::debug!(ips = ipam_result.ips.len(), "IPAM done");
     if ipam_result.ips.is_empty() {
         return Err(CniError::msg(
             ErrorCode::InvalidConfig,
@@ -292,6 +293,7 @@ fn add(
         ));
     }
     undo.host_veth = Some(host_name_owned.clone());
+    tracing::debug!(veth = host_name, "bridge and veth pair ready");
 
     if conf.is_gateway {
         if ips.iter().any(|i| i.address.addr().is_ipv4()) {
@@ -325,6 +327,7 @@ fn add(
         Ok(())
     })?;
     let container_mac = netlink::format_mac(&container_mac);
+    tracing::debug!("container addresses and routes set");
 
     if conf.ip_masq {
         undo.masq = true;
