@@ -131,25 +131,6 @@ pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<Link>, Netlin
     }
 }
 
-/// The link with index `index`, or `None`.
-pub async fn link_by_index(h: &Handle, index: u32) -> Result<Option<Link>, NetlinkError> {
-    match h.link().get().match_index(index).execute().try_next().await {
-        Ok(m) => Ok(m.as_ref().map(Link::from_message)),
-        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(None),
-        Err(e) => Err(req(format!("looking up link #{index}"))(e)),
-    }
-}
-
-/// Every link in the namespace.
-pub async fn links(h: &Handle) -> Result<Vec<Link>, NetlinkError> {
-    let mut out = Vec::new();
-    let mut s = h.link().get().execute();
-    while let Some(m) = s.try_next().await.map_err(req("listing links"))? {
-        out.push(Link::from_message(&m));
-    }
-    Ok(out)
-}
-
 /// Returns bridge `name`, creating it (up, with `mtu`) when missing. Fails when a link
 /// of that name exists but is not a bridge.
 pub async fn ensure_bridge(
@@ -259,29 +240,12 @@ pub async fn set_up(h: &Handle, index: u32) -> Result<(), NetlinkError> {
         .map_err(req(format!("bringing up link #{index}")))
 }
 
-pub async fn set_master(h: &Handle, index: u32, master: u32) -> Result<(), NetlinkError> {
-    h.link()
-        .set(LinkUnspec::new_with_index(index).controller(master).build())
-        .execute()
-        .await
-        .map_err(req(format!("attaching link #{index} to #{master}")))
-}
-
 pub async fn set_hairpin(h: &Handle, index: u32, on: bool) -> Result<(), NetlinkError> {
     h.link()
         .set_port(LinkBridgePort::new(index).hairpin(on).build())
         .execute()
         .await
         .map_err(req(format!("setting hairpin mode on link #{index}")))
-}
-
-/// Deletes a link; a link that is already gone is not an error.
-pub async fn delete_link(h: &Handle, index: u32) -> Result<(), NetlinkError> {
-    match h.link().del(index).execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if errno_of(&e) == Some(ENODEV) => Ok(()),
-        Err(e) => Err(req(format!("deleting link #{index}"))(e)),
-    }
 }
 
 fn address_of(m: &AddressMessage) -> Option<IpNet> {
