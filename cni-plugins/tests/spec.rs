@@ -270,3 +270,35 @@ fn unknown_keys_are_passed_through_and_prev_result_is_chained() {
     )
     .ok();
 }
+
+#[test]
+fn a_late_failure_rolls_back_veth_address_and_rules() {
+    let (host, ctr) = (Ns::new("h"), Ns::new("c"));
+    let dir = PluginDir::ours();
+    let net = Net::new();
+    // The route's gateway is unreachable from the container, so the kernel refuses it
+    // after the veth exists and the address is set: everything must be undone.
+    let mut conf = net.v4("10.78.7.0/24");
+    conf["ipMasq"] = json!(true);
+    conf["ipam"]["routes"] = json!([{"dst": "10.200.0.0/16", "gw": "192.0.2.1"}]);
+    let call = Call::new("ADD", "late", Some(&ctr.path), dir.path());
+    let e = invoke(&dir.bin("bridge"), &host, &call, &conf).err(999);
+    assert!(
+        e["details"].as_str().unwrap().contains("10.200.0.0/16"),
+        "{e}"
+    );
+    assert!(net.allocated().is_empty(), "address file left");
+    assert!(veths(&host).is_empty(), "host veth left");
+    assert_eq!(ctr.links(), ["lo"], "container interface left");
+    let nat = host.nat_rules(false);
+    assert!(!nat.contains("10.78.7"), "ipMasq rules left: {nat}");
+
+    // The same configuration without the bad route works in the same namespace.
+    conf["ipam"].as_object_mut().unwrap().remove("routes");
+    invoke(&dir.bin("bridge"), &host, &call, &conf).ok();
+    // Round robin: the address the failed ADD held briefly is skipped.
+    assert!(host.nat_rules(false).contains("-s 10.78.7.3/32"));
+    let del = Call::new("DEL", "late", Some(&ctr.path), dir.path());
+    invoke(&dir.bin("bridge"), &host, &del, &conf).ok();
+    assert!(!host.nat_rules(false).contains("10.78.7"));
+}
