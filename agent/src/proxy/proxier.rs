@@ -12,7 +12,9 @@ use ipnet::Ipv4Net;
 
 use super::config::{NodePortAddresses, ProxyConfig};
 use super::events::EventRecorder;
-use super::iptables::{Conntrack, Exec, Iptables, IptablesError, missing_hooks, set_sysctl};
+use super::iptables::{
+    Backend, Conntrack, Exec, Iptables, IptablesError, missing_hooks, set_sysctl,
+};
 use super::model::{
     Claim, PortModel, Protocol, ServiceClaims, ServiceModel, build_service, local_cidr,
     node_addresses, resolve_claims, service_claims,
@@ -22,6 +24,10 @@ use super::rules::{
     Table, service_rules,
 };
 use super::state::{Change, ProxyState, ServiceKey};
+
+/// How many chains one nf_tables restore payload of a full sync carries at most (whole
+/// Services are never split).
+const NFT_BATCH_CHAINS: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -342,16 +348,55 @@ impl Proxier {
         for w in self.written.values() {
             wanted.extend(w.rules.chains.keys().map(String::as_str));
         }
-        let mut out = String::with_capacity(self.written.len() * 600 + 4096);
+        // iptables-nft-restore --noflush slows down with the square of the chains in one
+        // payload (1.8.9: 1,000 chains 0.07 s, 12,000 chains 3.5 s), so on nf_tables the
+        // Services' chains go first in batches, whole Services at a time; nothing refers to
+        // a new chain until the last payload rewrites the dispatch chains.
+        let mut written_bytes = 0;
+        let batched = self.ipt.backend() == Backend::Nft;
+        if batched {
+            // The first batch also brings the fixed chains the Services jump to.
+            let mut decls = String::new();
+            for c in rules::static_chains(Table::Nat) {
+                if *c != SERVICES && *c != NODEPORTS {
+                    let _ = writeln!(decls, ":{c} - [0:0]");
+                }
+            }
+            let mut bodies = rules::nat_fixed(&self.ctx.mark);
+            let mut chains = 0;
+            let mut values = self.written.values().peekable();
+            while let Some(w) = values.next() {
+                for (name, body) in &w.rules.chains {
+                    let _ = writeln!(decls, ":{name} - [0:0]");
+                    bodies.push_str(body);
+                }
+                chains += w.rules.chains.len();
+                if chains >= NFT_BATCH_CHAINS || values.peek().is_none() {
+                    let payload = format!("*nat\n{decls}{bodies}COMMIT\n");
+                    self.ipt.restore(payload.as_bytes())?;
+                    written_bytes += payload.len();
+                    decls.clear();
+                    bodies.clear();
+                    chains = 0;
+                }
+            }
+        }
+        let mut out = String::with_capacity(if batched {
+            4096
+        } else {
+            self.written.len() * 600 + 4096
+        });
         out.push_str("*nat\n");
         for c in rules::static_chains(Table::Nat) {
             if *c != SERVICES && *c != NODEPORTS {
                 let _ = writeln!(out, ":{c} - [0:0]");
             }
         }
-        for w in self.written.values() {
-            for name in w.rules.chains.keys() {
-                let _ = writeln!(out, ":{name} - [0:0]");
+        if !batched {
+            for w in self.written.values() {
+                for name in w.rules.chains.keys() {
+                    let _ = writeln!(out, ":{name} - [0:0]");
+                }
             }
         }
         let stale_nat: Vec<&String> = nat_view
@@ -364,9 +409,11 @@ impl Proxier {
         }
         self.nat_dispatch(&mut out);
         out.push_str(&rules::nat_fixed(&self.ctx.mark));
-        for w in self.written.values() {
-            for body in w.rules.chains.values() {
-                out.push_str(body);
+        if !batched {
+            for w in self.written.values() {
+                for body in w.rules.chains.values() {
+                    out.push_str(body);
+                }
             }
         }
         insert_hooks(&mut out, Table::Nat, &missing_hooks(Table::Nat, &nat_view));
@@ -409,6 +456,7 @@ impl Proxier {
         out.push_str("COMMIT\n");
 
         self.ipt.restore(out.as_bytes())?;
+        written_bytes += out.len();
         if self.cfg.localhost_node_ports {
             // Without it the kernel drops packets to 127.0.0.1 that are DNATed elsewhere.
             if let Err(e) = set_sysctl(self.exec.as_ref(), "net.ipv4.conf.all.route_localnet", "1")
@@ -416,7 +464,7 @@ impl Proxier {
                 tracing::warn!(error = %e, "cannot enable route_localnet: NodePorts on 127.0.0.1 will not work");
             }
         }
-        Ok(out.len())
+        Ok(written_bytes)
     }
 
     fn partial_sync(

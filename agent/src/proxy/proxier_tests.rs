@@ -745,3 +745,57 @@ fn health_checks_count_local_endpoints() {
     assert_eq!(hc[&32000].local_endpoints, 1);
     assert!(k.chain("filter", "FERRO-NODEPORTS").unwrap()[0].contains("--dport 32000"));
 }
+
+async fn next_report(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Result<SyncReport, String>>,
+) -> SyncReport {
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a sync within the deadline")
+        .expect("loop alive")
+        .expect("sync ok")
+}
+
+#[tokio::test]
+async fn the_loop_syncs_changes_checks_the_canary_and_stops() {
+    use crate::proxy::run::{Timing, run};
+    use std::time::Duration;
+
+    let k = FakeKernel::new();
+    let (p, _) = proxier(&k);
+    let p = Arc::new(Mutex::new(p));
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (rep_tx, mut rep_rx) = tokio::sync::mpsc::unbounded_channel();
+    let timing = Timing {
+        min_sync_interval: Duration::from_millis(10),
+        full_sync_interval: Duration::from_secs(3600),
+        canary_interval: Duration::from_millis(20),
+    };
+    let task = tokio::spawn(run(p.clone(), rx, timing, None, stop_rx, Some(rep_tx)));
+
+    // Start-up full sync, even with nothing to program.
+    assert!(next_report(&mut rep_rx).await.full);
+
+    tx.send(service("web", "10.96.0.10", tcp(80), json!({})))
+        .await
+        .unwrap();
+    let r = next_report(&mut rep_rx).await;
+    assert!(!r.full && r.services_rebuilt == 1, "{r:?}");
+    assert!(dispatch_has(&k, "10.96.0.10"));
+
+    // Wiping the table is noticed by the canary and repaired by a full sync.
+    k.flush_table("nat");
+    loop {
+        if next_report(&mut rep_rx).await.full {
+            break;
+        }
+    }
+    assert!(dispatch_has(&k, "10.96.0.10"));
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("loop stops")
+        .unwrap();
+}

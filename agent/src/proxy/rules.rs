@@ -522,6 +522,28 @@ mod tests {
     }
 
     #[test]
+    fn udp_and_sctp_ports_match_and_dnat_with_their_protocol() {
+        for (proto, name) in [(Protocol::Udp, "udp"), (Protocol::Sctp, "sctp")] {
+            let mut p = port(vec![ep(1, false), ep(2, false)]);
+            p.protocol = proto;
+            let r = service_rules(&model(p.clone()), &ctx());
+            assert!(
+                r.nat_dispatch
+                    .contains(&format!("-p {name} -m {name} --dport 80")),
+                "{}",
+                r.nat_dispatch
+            );
+            let body = &r.chains[&port_chain("SVC", &p)];
+            assert!(
+                body.contains(&format!(
+                    "-p {name} -j DNAT --to-destination 10.244.1.2:8080"
+                )),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
     fn chain_names_are_stable_and_fit_iptables() {
         let p = port(vec![ep(1, false)]);
         let a = port_chain("SVC", &p);
