@@ -109,7 +109,64 @@ impl DiskStore {
     }
 }
 
+impl DiskStore {
+    /// IPs whose files name (`id`, `ifname`), or with `legacy` also `id` alone as old
+    /// versions wrote it.
+    /// Files whose size cannot match are skipped without being opened: a node with many
+    /// containers pays one stat per allocation instead of an open, read and close.
+    fn find(&self, id: &str, ifname: &str, legacy: bool) -> Result<Vec<IpAddr>, StoreError> {
+        let full = (id.len() + LINE_BREAK.len() + ifname.len()) as u64;
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io("listing", &self.dir))? {
+            let entry = entry.map_err(io("listing", &self.dir))?;
+            let Some(ip) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            let size = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("inspecting", &entry.path())(e)),
+            };
+            // Sizes from id.len() up to full + a trailing newline cover both layouts.
+            if size < id.len() as u64 || size > full + 2 {
+                continue;
+            }
+            let path = entry.path();
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("reading", &path)(e)),
+            };
+            let mut lines = text.trim().lines();
+            let (file_id, file_if) = (
+                lines.next().unwrap_or_default().trim(),
+                lines.next().unwrap_or_default().trim(),
+            );
+            if file_id == id && (file_if == ifname || (legacy && file_if.is_empty())) {
+                out.push(ip);
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Store for DiskStore {
+    fn release_by_id(&mut self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, StoreError> {
+        let mine = self.find(id, ifname, true)?;
+        for ip in &mine {
+            self.release(*ip)?;
+        }
+        Ok(mine)
+    }
+
+    fn get_by_id(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, StoreError> {
+        self.find(id, ifname, false)
+    }
+
     fn reserve(
         &mut self,
         id: &str,
@@ -214,5 +271,21 @@ mod tests {
         let mut s = DiskStore::open(d.path(), "n").unwrap();
         std::fs::write(d.path().join("n/fd00::5"), "old").unwrap();
         assert_eq!(s.release_by_id("old", "eth0").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn lookups_skip_files_that_cannot_match_but_find_those_that_do() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = DiskStore::open(d.path(), "n").unwrap();
+        let dir = d.path().join("n");
+        // Written by hand with a trailing newline, and a same-length file of another id.
+        std::fs::write(dir.join("10.0.0.9"), "c1\r\neth0\n").unwrap();
+        std::fs::write(dir.join("10.0.0.8"), "c2\r\neth0").unwrap();
+        std::fs::write(dir.join("10.0.0.7"), "a-much-longer-container-id\r\neth0").unwrap();
+        let nine: IpAddr = "10.0.0.9".parse().unwrap();
+        assert_eq!(s.get_by_id("c1", "eth0").unwrap(), vec![nine]);
+        assert!(s.get_by_id("c1", "eth1").unwrap().is_empty());
+        assert_eq!(s.release_by_id("c1", "eth0").unwrap(), vec![nine]);
+        assert_eq!(s.allocations().unwrap().len(), 2);
     }
 }
