@@ -32,34 +32,41 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
+fn spawn(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_ferrolet-control-plane"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--service-cluster-ip-range",
+            "10.96.0.0/24",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start ferrolet-control-plane")
+}
+
 impl ControlPlane {
-    pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("ferrolet-api-test-")
-            .tempdir()
-            .expect("temp dir");
-        let log = std::fs::File::create(dir.path().join("server.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrolet-control-plane"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--service-cluster-ip-range",
-                "10.96.0.0/24",
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start ferrolet-control-plane");
-        let mut cp = ControlPlane {
-            child,
-            dir,
-            url: String::new(),
-        };
-        let kubeconfig = cp.kubeconfig();
-        cp.url = wait_for("admin.kubeconfig", Duration::from_secs(60), || {
+    /// Stops the server and starts it again on the same data dir (a new port).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.kubeconfig());
+        self.child = spawn(self.dir.path());
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let kubeconfig = self.kubeconfig();
+        self.url = wait_for("admin.kubeconfig", Duration::from_secs(60), || {
             let text = std::fs::read_to_string(&kubeconfig).ok()?;
             let line = text
                 .lines()
@@ -67,8 +74,22 @@ impl ControlPlane {
             Some(line.trim_start().trim_start_matches("server: ").to_owned())
         });
         wait_for("the API to answer", Duration::from_secs(30), || {
-            cp.curl(&["/readyz"]).status.success().then_some(())
+            self.curl(&["/readyz"]).status.success().then_some(())
         });
+    }
+
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ferrolet-api-test-")
+            .tempdir()
+            .expect("temp dir");
+        let child = spawn(dir.path());
+        let mut cp = ControlPlane {
+            child,
+            dir,
+            url: String::new(),
+        };
+        cp.wait_ready();
         cp
     }
 
@@ -202,8 +223,4 @@ fn parse_status(out: &Output) -> (u16, serde_json::Value) {
         .unwrap_or_else(|_| panic!("no status code in {text:?}"));
     let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     (code, json)
-}
-
-pub fn path_exists(p: &Path) -> bool {
-    p.exists()
 }
