@@ -48,3 +48,45 @@ fn add_brings_lo_up_and_del_tolerates_a_missing_netns() {
     )
     .ok();
 }
+
+/// Kills and reaps the child on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_proc_pid_ns_net_path_works_as_cni_netns() {
+    let host = Ns::new("h");
+    let ctr = Ns::new("c");
+    ctr.exec(&["ip", "link", "set", "lo", "down"]);
+    let sleeper = Child(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ctr.name, "sleep", "60"])
+            .spawn()
+            .unwrap(),
+    );
+    let path = std::path::PathBuf::from(format!("/proc/{}/ns/net", sleeper.0.id()));
+    // `ip netns exec` enters the namespace before exec'ing sleep; wait for that.
+    common::poll(
+        "the sleeper to enter the namespace",
+        std::time::Duration::from_secs(10),
+        || {
+            let ino = |p: &std::path::Path| {
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            };
+            (ino(&path).is_some() && ino(&path) == ino(&ctr.path)).then_some(())
+        },
+    );
+    let dir = PluginDir::ours();
+    let conf = json!({"cniVersion": "1.0.0", "name": "lo-net", "type": "loopback"});
+    let call = Call::new("ADD", "proc", Some(&path), dir.path());
+    invoke(&dir.bin("loopback"), &host, &call, &conf).ok();
+    assert!(ctr.exec(&["ip", "-o", "link", "show", "lo"]).contains("UP"));
+}

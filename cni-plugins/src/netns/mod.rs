@@ -11,10 +11,6 @@ use std::path::{Path, PathBuf};
 
 use nix::sched::CloneFlags;
 
-/// `statfs` magic of nsfs, where namespace files (and their bind mounts) live.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-/// `statfs` magic of procfs (`/proc/<pid>/ns/net` before it resolves to nsfs).
-const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 /// `_IO(0xb7, 0x3)`: which kind of namespace an nsfs fd refers to.
 const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 
@@ -64,9 +60,9 @@ impl Netns {
             path: path.to_path_buf(),
             source: e.into(),
         })?;
-        #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-        let magic = i64::from(fs.filesystem_type().0 as i64);
-        if magic != NSFS_MAGIC && magic != PROC_SUPER_MAGIC {
+        // Namespace files, bind mounts of them and /proc/<pid>/ns/net all open as nsfs;
+        // checking first keeps the ioctl below away from arbitrary devices.
+        if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
             return Err(NetnsError::NotNetns(path.to_path_buf()));
         }
         // SAFETY: NS_GET_NSTYPE takes no argument and only reads the open fd's namespace.
