@@ -1699,6 +1699,229 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::request::{self, Route};
+    use crate::storage::memory::MemoryStore;
+
+    async fn api() -> Api {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let cache = WatchCache::new(store.current_revision().await.expect("revision"));
+        let api = Api::new(
+            store,
+            cache,
+            Allocator::new("10.0.0.0/29".parse().expect("cidr")),
+        );
+        api.bootstrap().await.expect("bootstrap");
+        api
+    }
+
+    async fn call(
+        api: &Api,
+        method: &str,
+        path_query: &str,
+        ct: &str,
+        body: Value,
+    ) -> Result<Value, ApiError> {
+        let (path, query) = path_query.split_once('?').unwrap_or((path_query, ""));
+        let Ok(Route::Resource(route)) = request::route(path) else {
+            panic!("{path} is not a resource path");
+        };
+        let query = request::parse_query(Some(query));
+        let method: http::Method = method.parse().expect("method");
+        let verb = request::verb(&method, &route, &query, ct)?;
+        let body = if body.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(body.to_string())
+        };
+        let req = ResourceRequest {
+            route,
+            verb,
+            query,
+            content_type: ct.to_owned(),
+            table: None,
+            body,
+        };
+        match api.handle(req).await? {
+            Reply::Json { body, .. } => Ok(body),
+            Reply::Watch(_) => panic!("unexpected watch"),
+        }
+    }
+
+    fn deployment(replicas: i64) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}})
+    }
+
+    const DEPLOYS: &str = "/apis/apps/v1/namespaces/default/deployments";
+    const JSON: &str = "application/json";
+
+    #[tokio::test]
+    async fn generation_moves_with_spec_and_status_only_through_its_subresource() {
+        let api = api().await;
+        let created = call(&api, "POST", DEPLOYS, JSON, deployment(1))
+            .await
+            .expect("create");
+        assert_eq!(created["metadata"]["generation"], 1);
+        let item = format!("{DEPLOYS}/web");
+        let labelled = call(
+            &api,
+            "PATCH",
+            &item,
+            "application/merge-patch+json",
+            json!({"metadata": {"labels": {"x": "y"}}, "status": {"replicas": 9}}),
+        )
+        .await
+        .expect("patch");
+        assert_eq!(labelled["metadata"]["generation"], 1);
+        assert!(
+            labelled.get("status").is_none(),
+            "status written through the main resource: {labelled}"
+        );
+        let scaled = call(
+            &api,
+            "PATCH",
+            &item,
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 3}}),
+        )
+        .await
+        .expect("patch");
+        assert_eq!(scaled["metadata"]["generation"], 2);
+        let status = call(
+            &api,
+            "PATCH",
+            &format!("{item}/status"),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 7}, "status": {"replicas": 3}}),
+        )
+        .await
+        .expect("status");
+        assert_eq!(status["status"]["replicas"], 3);
+        assert_eq!(status["spec"]["replicas"], 3, "spec written through status");
+        assert_eq!(status["metadata"]["generation"], 2);
+        let scale = call(&api, "GET", &format!("{item}/scale"), "", Value::Null)
+            .await
+            .expect("scale");
+        assert_eq!(scale["spec"]["replicas"], 3);
+        assert_eq!(scale["status"]["selector"], "app=web");
+    }
+
+    #[tokio::test]
+    async fn finalizers_hold_a_deleted_object_until_removed() {
+        let api = api().await;
+        let mut d = deployment(1);
+        d["metadata"]["finalizers"] = json!(["example.com/hold"]);
+        call(&api, "POST", DEPLOYS, JSON, d).await.expect("create");
+        let item = format!("{DEPLOYS}/web");
+        let deleted = call(&api, "DELETE", &item, JSON, Value::Null)
+            .await
+            .expect("delete");
+        assert!(deleted["metadata"]["deletionTimestamp"].is_string());
+        let err = call(
+            &api,
+            "PATCH",
+            &item,
+            "application/merge-patch+json",
+            json!({"metadata": {"finalizers": ["example.com/hold", "new"]}}),
+        )
+        .await
+        .expect_err("new finalizer");
+        assert_eq!(err.code(), 422);
+        call(
+            &api,
+            "PATCH",
+            &item,
+            "application/merge-patch+json",
+            json!({"metadata": {"finalizers": null}}),
+        )
+        .await
+        .expect("release");
+        let gone = call(&api, "GET", &item, "", Value::Null)
+            .await
+            .expect_err("gone");
+        assert_eq!(gone.code(), 404);
+    }
+
+    #[tokio::test]
+    async fn service_ips_come_back_when_services_go() {
+        let api = api().await;
+        let svcs = "/api/v1/namespaces/default/services";
+        let svc = |name: &str| {
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"ports": [{"port": 80}]}})
+        };
+        // A /29 has 6 usable addresses.
+        let mut ips = Vec::new();
+        for i in 0..6 {
+            let s = call(&api, "POST", svcs, JSON, svc(&format!("s{i}")))
+                .await
+                .expect("create");
+            ips.push(
+                s["spec"]["clusterIP"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), 6);
+        let full = call(&api, "POST", svcs, JSON, svc("s6"))
+            .await
+            .expect_err("range full");
+        assert_eq!(full.code(), 500);
+        assert!(
+            call(&api, "GET", &format!("{svcs}/s6"), "", Value::Null)
+                .await
+                .is_err()
+        );
+        call(&api, "DELETE", &format!("{svcs}/s0"), JSON, Value::Null)
+            .await
+            .expect("delete");
+        call(&api, "POST", svcs, JSON, svc("s6"))
+            .await
+            .expect("an IP was freed");
+    }
+
+    #[tokio::test]
+    async fn binding_assigns_a_node_once() {
+        let api = api().await;
+        let pods = "/api/v1/namespaces/default/pods";
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "web-"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        let created = call(&api, "POST", pods, JSON, pod).await.expect("create");
+        let name = created["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(name.starts_with("web-") && name.len() == 9, "{name}");
+        let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+            "target": {"kind": "Node", "name": "n1"}});
+        let path = format!("{pods}/{name}/binding");
+        call(&api, "POST", &path, JSON, binding.clone())
+            .await
+            .expect("bind");
+        let again = call(&api, "POST", &path, JSON, binding)
+            .await
+            .expect_err("bound twice");
+        assert_eq!(again.code(), 409);
+        let pod = call(&api, "GET", &format!("{pods}/{name}"), "", Value::Null)
+            .await
+            .expect("get");
+        assert_eq!(pod["spec"]["nodeName"], "n1");
+        let moved = call(
+            &api,
+            "PATCH",
+            &format!("{pods}/{name}"),
+            "application/merge-patch+json",
+            json!({"spec": {"nodeName": "n2"}}),
+        )
+        .await
+        .expect_err("immutable");
+        assert_eq!(moved.code(), 422);
+    }
 
     #[test]
     fn continue_tokens_round_trip_and_garbage_is_rejected() {
