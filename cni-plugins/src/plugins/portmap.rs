@@ -333,6 +333,31 @@ fn teardown_family<R: Runner>(ipt: &Iptables<R>, chain: &str) -> Result<(), Ipta
     ipt.delete_chain(TABLE, chain)
 }
 
+/// Drops conntrack entries for the mapped UDP host ports: a client that sent to the
+/// port before the mapping existed would otherwise keep its stale flow (to the host)
+/// and never reach the container. Best effort: `conntrack` reports failure when there
+/// was nothing to delete, and a missing tool only costs that cleanup.
+fn flush_udp_conntrack<R: Runner>(runner: &R, mappings: &[Mapping], v4: bool, v6: bool) {
+    let families = [("ipv4", v4), ("ipv6", v6)];
+    for m in mappings.iter().filter(|m| m.protocol == "udp") {
+        for (family, _) in families.iter().filter(|(_, on)| *on) {
+            let args = rule(&[
+                "-D",
+                "-f",
+                family,
+                "-p",
+                "udp",
+                "--dport",
+                &m.host_port.to_string(),
+            ]);
+            if let Err(e) = runner.run("conntrack", &args) {
+                tracing::warn!(error = %e, "conntrack unavailable; stale UDP flows kept");
+                return;
+            }
+        }
+    }
+}
+
 fn families() -> [Iptables<SystemRunner>; 2] {
     [
         Iptables::new(SystemRunner, false),
@@ -397,6 +422,7 @@ impl Plugin for Portmap {
             }
             return Err(e);
         }
+        flush_udp_conntrack(&SystemRunner, &s.mappings, v4.is_some(), v6.is_some());
         Ok(prev)
     }
 
@@ -668,6 +694,33 @@ mod tests {
         assert_eq!(
             load(&request(c)).unwrap_err().code,
             ErrorCode::InvalidConfig
+        );
+    }
+
+    #[test]
+    fn udp_mappings_flush_conntrack_for_each_family() {
+        struct Log(RefCell<Vec<String>>);
+        impl Runner for &Log {
+            fn run(&self, program: &str, args: &[String]) -> Result<Output, std::io::Error> {
+                self.0
+                    .borrow_mut()
+                    .push(format!("{program} {}", args.join(" ")));
+                Ok(Output::default())
+            }
+        }
+        let req = request(conf(serde_json::json!([
+            {"hostPort": 5353, "containerPort": 53, "protocol": "udp"},
+            {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
+        ])));
+        let s = load(&req).unwrap();
+        let log = Log(RefCell::new(Vec::new()));
+        flush_udp_conntrack(&&log, &s.mappings, true, true);
+        assert_eq!(
+            *log.0.borrow(),
+            [
+                "conntrack -D -f ipv4 -p udp --dport 5353",
+                "conntrack -D -f ipv6 -p udp --dport 5353"
+            ]
         );
     }
 }
