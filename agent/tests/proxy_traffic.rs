@@ -111,8 +111,17 @@ fn cluster_ip(backend: BackendChoice) {
         "{filter}"
     );
 
-    // Other chains and rules survived every sync.
+    // A periodic full resync finds its hooks in place and does not add them again.
+    p.request_full_sync();
+    assert!(p.sync().expect("sync").full);
     let nat = t.iptables_save(backend, "nat");
+    let jumps = nat
+        .lines()
+        .filter(|l| l.starts_with("-A PREROUTING") && l.ends_with("-j FERRO-SERVICES"))
+        .count();
+    assert_eq!(jumps, 1, "{nat}");
+
+    // Other chains and rules survived every sync.
     assert!(
         nat.contains("-A SOMEONE-ELSE -s 203.0.113.9/32 -j RETURN"),
         "{nat}"
