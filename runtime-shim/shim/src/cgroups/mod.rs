@@ -57,6 +57,22 @@ pub struct Resources {
     pub memory_limit: Option<i64>,
     /// Maximum number of processes; `Some(-1)` or absent means unlimited.
     pub pids_limit: Option<i64>,
+    /// Device access rules, applied in order (normally "deny all" then the allowed ones).
+    #[serde(default)]
+    pub devices: Vec<DeviceRule>,
+}
+
+/// One device cgroup rule: allow or deny `access` (`r`, `w`, `m`) to a device class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRule {
+    pub allow: bool,
+    /// `a` (all), `c` or `b`.
+    pub kind: char,
+    /// -1 for any.
+    pub major: i64,
+    /// -1 for any.
+    pub minor: i64,
+    pub access: String,
 }
 
 impl Resources {
@@ -75,6 +91,22 @@ impl Resources {
         }
         if let Some(pids) = res.pids() {
             out.pids_limit = Some(pids.limit()).filter(|l| *l > 0);
+        }
+        for d in res.devices().as_deref().unwrap_or_default() {
+            let kind = match d.typ() {
+                Some(oci_spec::runtime::LinuxDeviceType::B) => 'b',
+                Some(
+                    oci_spec::runtime::LinuxDeviceType::C | oci_spec::runtime::LinuxDeviceType::U,
+                ) => 'c',
+                _ => 'a',
+            };
+            out.devices.push(DeviceRule {
+                allow: d.allow(),
+                kind,
+                major: d.major().unwrap_or(-1),
+                minor: d.minor().unwrap_or(-1),
+                access: d.access().clone().unwrap_or_else(|| "rwm".to_string()),
+            });
         }
         out
     }

@@ -6,6 +6,7 @@ use cgroups_rs::fs::cgroup::Cgroup;
 use cgroups_rs::fs::cpu::CpuController;
 use cgroups_rs::fs::cpuacct::CpuAcctController;
 use cgroups_rs::fs::cpuset::CpuSetController;
+use cgroups_rs::fs::devices::{DevicePermissions, DeviceType, DevicesController};
 use cgroups_rs::fs::hierarchies::V1;
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
@@ -91,6 +92,26 @@ fn apply(cg: &Cgroup, path: &str, res: &Resources) -> Result<(), CgroupError> {
     if let (Some(mem), Some(limit)) = (cg.controller_of::<MemController>(), res.memory_limit) {
         mem.set_limit(limit)
             .map_err(v1_err(path, "set memory.limit_in_bytes"))?;
+    }
+    if let Some(dev) = cg.controller_of::<DevicesController>() {
+        for rule in &res.devices {
+            let kind = match rule.kind {
+                'b' => DeviceType::Block,
+                'c' => DeviceType::Char,
+                _ => DeviceType::All,
+            };
+            let perms: Vec<DevicePermissions> = rule
+                .access
+                .chars()
+                .filter_map(DevicePermissions::from_char)
+                .collect();
+            let r = if rule.allow {
+                dev.allow_device(kind, rule.major, rule.minor, &perms)
+            } else {
+                dev.deny_device(kind, rule.major, rule.minor, &perms)
+            };
+            r.map_err(v1_err(path, "set devices rule"))?;
+        }
     }
     if let (Some(pids), Some(limit)) = (cg.controller_of::<PidController>(), res.pids_limit) {
         let max = if limit > 0 {

@@ -132,6 +132,11 @@ impl<F: CgroupfsV2> CgroupsV2<F> {
             };
             self.write(dir, "pids.max", &v)?;
         }
+        if !res.devices.is_empty() {
+            // cgroup v2 controls devices with an eBPF program attached to the cgroup, which
+            // this runtime does not load yet: say so instead of pretending.
+            tracing::warn!(cgroup = %dir.display(), "device rules are not enforced on cgroup v2");
+        }
         Ok(())
     }
 

@@ -32,6 +32,34 @@ pub const READONLY_PATHS: [&str; 6] = [
 /// `PATH` for containers whose image sets none.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Device cgroup rules of a non-privileged container: nothing but creating nodes and the
+/// standard character devices (null, zero, full, random, urandom, tty, console, ptmx, pts,
+/// tun).
+pub fn default_device_rules() -> serde_json::Value {
+    let mut rules = vec![
+        serde_json::json!({"allow": false, "access": "rwm"}),
+        serde_json::json!({"allow": true, "type": "c", "access": "m"}),
+        serde_json::json!({"allow": true, "type": "b", "access": "m"}),
+    ];
+    for (major, minor) in [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 1),
+        (5, 2),
+        (10, 200),
+    ] {
+        rules.push(serde_json::json!({
+            "allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"
+        }));
+    }
+    rules.push(serde_json::json!({"allow": true, "type": "c", "major": 136, "access": "rwm"}));
+    serde_json::Value::Array(rules)
+}
+
 /// A spec with new mount, UTS, IPC, PID and network namespaces, the standard mounts, the
 /// default capabilities, masked and read-only paths, running `args` as root in `/`.
 pub fn base_spec(args: &[String]) -> Spec {
@@ -70,7 +98,8 @@ pub fn base_spec(args: &[String]) -> Spec {
                 {"type": "network"}
             ],
             "maskedPaths": MASKED_PATHS,
-            "readonlyPaths": READONLY_PATHS
+            "readonlyPaths": READONLY_PATHS,
+            "resources": {"devices": default_device_rules()}
         }
     });
     // The value above is a fixed, valid document; failing to read it is a bug here.

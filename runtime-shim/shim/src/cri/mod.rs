@@ -1120,6 +1120,7 @@ pub fn resources_from_cri(r: &v1::LinuxContainerResources) -> Resources {
         cpuset_mems: Some(r.cpuset_mems.clone()).filter(|s| !s.is_empty()),
         memory_limit: Some(r.memory_limit_in_bytes).filter(|v| *v > 0),
         pids_limit: None,
+        devices: Vec::new(),
     }
 }
 

@@ -277,6 +277,7 @@ pub fn container_spec(
     v["linux"]["cgroupsPath"] = serde_json::json!(cgroup_path);
 
     if privileged {
+        v["linux"]["resources"]["devices"] = serde_json::json!([{"allow": true, "access": "rwm"}]);
         v["linux"]["maskedPaths"] = serde_json::json!([]);
         v["linux"]["readonlyPaths"] = serde_json::json!([]);
         if let Some(mounts) = v["mounts"].as_array_mut() {
@@ -365,11 +366,11 @@ pub fn container_spec(
         if !r.cpuset_mems.is_empty() {
             cpu.insert("mems".into(), serde_json::json!(r.cpuset_mems));
         }
-        let mut res = serde_json::json!({"cpu": cpu});
+        v["linux"]["resources"]["cpu"] = serde_json::Value::Object(cpu);
         if r.memory_limit_in_bytes > 0 {
-            res["memory"] = serde_json::json!({"limit": r.memory_limit_in_bytes});
+            v["linux"]["resources"]["memory"] =
+                serde_json::json!({"limit": r.memory_limit_in_bytes});
         }
-        v["linux"]["resources"] = res;
         if r.oom_score_adj != 0 {
             let adj = r.oom_score_adj.clamp(-1000, 1000);
             v["process"]["oomScoreAdj"] = serde_json::json!(adj);
@@ -524,6 +525,7 @@ mod tests {
         assert_eq!(v["process"]["noNewPrivileges"], true);
         assert_eq!(v["linux"]["resources"]["cpu"]["shares"], 256);
         assert_eq!(v["linux"]["resources"]["memory"]["limit"], 1 << 26);
+        assert_eq!(v["linux"]["resources"]["devices"][0]["allow"], false);
         assert_eq!(v["process"]["oomScoreAdj"], 500);
         let data = v["mounts"]
             .as_array()
@@ -589,6 +591,10 @@ mod tests {
             caps::NAMES.len()
         );
         assert_eq!(v["linux"]["maskedPaths"], serde_json::json!([]));
+        assert_eq!(
+            v["linux"]["resources"]["devices"],
+            serde_json::json!([{"allow": true, "access": "rwm"}])
+        );
     }
 
     #[test]
