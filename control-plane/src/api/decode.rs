@@ -38,11 +38,7 @@ impl FieldValidation {
 pub fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
     let media = content_type.split(';').next().unwrap_or("").trim();
     if media == "application/vnd.kubernetes.protobuf" {
-        // client-go switches to JSON for the rest of its life on a 415.
-        return Err(ApiError::UnsupportedMediaType(format!(
-            "the body of the request was in an unknown format - accepted media types include: \
-             application/json, application/yaml (got {media})"
-        )));
+        return super::protobuf::decode(body);
     }
     let is_yaml = matches!(
         media,

@@ -8,6 +8,7 @@ pub mod handler;
 pub mod object;
 pub mod openapi;
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod request;
 pub mod selectors;

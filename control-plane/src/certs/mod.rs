@@ -205,7 +205,8 @@ pub fn ensure(data_dir: &Path, sans: &[String]) -> Result<CertPaths, CertError> 
     Ok(paths)
 }
 
-fn b64(data: &[u8]) -> String {
+/// Standard base64 with padding (kubeconfig data fields, Secret data).
+pub(crate) fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
@@ -234,9 +235,9 @@ pub fn write_kubeconfig(paths: &CertPaths, server: &str) -> Result<(), CertError
     let key = read(&paths.admin_key)?;
     let config = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: ferrolet\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: admin@ferrolet\n  context:\n    cluster: ferrolet\n    user: admin\n    namespace: default\ncurrent-context: admin@ferrolet\n",
-        b64(ca.as_bytes()),
-        b64(cert.as_bytes()),
-        b64(key.as_bytes()),
+        base64(ca.as_bytes()),
+        base64(cert.as_bytes()),
+        base64(key.as_bytes()),
     );
     write(&paths.kubeconfig, &config, true)
 }
@@ -257,7 +258,7 @@ mod tests {
             ("foobar", "Zm9vYmFy"),
         ];
         for (input, want) in cases {
-            assert_eq!(b64(input.as_bytes()), want);
+            assert_eq!(base64(input.as_bytes()), want);
         }
     }
 
