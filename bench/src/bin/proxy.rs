@@ -256,8 +256,43 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?
 }
 
-fn restore(tool: &str, payload: &str, noflush: bool) -> Result<Duration> {
-    let start = Instant::now();
+/// Wall time and CPU time (this process plus the tools it waited for) of a span. On a busy
+/// machine the CPU time is the steadier figure.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    wall: Duration,
+    cpu: Duration,
+}
+
+fn cpu_now() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(u64::try_from(t.tv_sec()).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec()).unwrap_or(0))
+    };
+    [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN]
+        .into_iter()
+        .filter_map(|w| getrusage(w).ok())
+        .map(|u| tv(u.user_time()) + tv(u.system_time()))
+        .sum()
+}
+
+struct Clock(Instant, Duration);
+
+impl Clock {
+    fn start() -> Self {
+        Self(Instant::now(), cpu_now())
+    }
+    fn stop(&self) -> Cost {
+        Cost {
+            wall: self.0.elapsed(),
+            cpu: cpu_now().saturating_sub(self.1),
+        }
+    }
+}
+
+fn restore(tool: &str, payload: &str, noflush: bool) -> Result<Cost> {
+    let start = Clock::start();
     let args: &[&str] = if noflush {
         &["-w", "5", "--noflush"]
     } else {
@@ -275,23 +310,29 @@ fn restore(tool: &str, payload: &str, noflush: bool) -> Result<Duration> {
         .context("stdin")?
         .write_all(payload.as_bytes())?;
     let out = child.wait_with_output()?;
-    let took = start.elapsed();
+    let took = start.stop();
     if !out.status.success() {
         bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(took)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+fn median(v: &[Cost]) -> Cost {
+    let mut wall: Vec<Duration> = v.iter().map(|c| c.wall).collect();
+    let mut cpu: Vec<Duration> = v.iter().map(|c| c.cpu).collect();
+    wall.sort();
+    cpu.sort();
+    Cost {
+        wall: wall[wall.len() / 2],
+        cpu: cpu[cpu.len() / 2],
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Measure {
-    ours: Duration,
+    ours: Cost,
     ours_bytes: usize,
-    base: Duration,
+    base: Cost,
     base_bytes: usize,
 }
 
@@ -316,14 +357,14 @@ fn ours(args: &Args, choice: BackendChoice, ns: &str) -> Result<(Measure, Measur
             let ips: Vec<_> = (0..per).map(|j| endpoint_ip(i, j, per, 0)).collect();
             p.apply(slice(i, &ips));
         }
-        let start = Instant::now();
+        let start = Clock::start();
         let r = p.sync()?;
-        let full = (start.elapsed(), r.bytes);
+        let full = (start.stop(), r.bytes);
 
         p.request_full_sync();
-        let start = Instant::now();
+        let start = Clock::start();
         let r = p.sync()?;
-        let resync = (start.elapsed(), r.bytes);
+        let resync = (start.stop(), r.bytes);
 
         let mut times = Vec::new();
         let mut bytes = 0;
@@ -331,29 +372,29 @@ fn ours(args: &Args, choice: BackendChoice, ns: &str) -> Result<(Measure, Measur
             let i = (c * 1_237) % services;
             let mut ips: Vec<_> = (0..per).map(|j| endpoint_ip(i, j, per, 0)).collect();
             ips[0] = endpoint_ip(i, 0, per, c + 1);
-            let start = Instant::now();
+            let start = Clock::start();
             p.apply(slice(i, &ips));
             let r = p.sync()?;
-            times.push(start.elapsed());
+            times.push(start.stop());
             if r.full {
                 bail!("an endpoint change ran a full sync");
             }
             bytes = r.bytes;
         }
-        Ok((full, resync, (median(times), bytes)))
+        Ok((full, resync, (median(&times), bytes)))
     })
     .map(|(full, resync, change)| {
-        let m = |(t, b): (Duration, usize)| Measure {
+        let m = |(t, b): (Cost, usize)| Measure {
             ours: t,
             ours_bytes: b,
-            base: Duration::ZERO,
+            base: Cost::default(),
             base_bytes: 0,
         };
         (m(full), m(resync), m(change))
     })
 }
 
-fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Duration, usize); 3]> {
+fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Cost, usize); 3]> {
     let (services, per, changes) = (args.services, args.endpoints, args.changes);
     in_netns(ns, move || {
         let full = kp_full(services, per);
@@ -381,7 +422,7 @@ fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Duration, usi
         Ok([
             (t_full, full.len()),
             (t_resync, full.len()),
-            (median(times), bytes),
+            (median(&times), bytes),
         ])
     })
 }
@@ -439,34 +480,43 @@ fn main() -> Result<()> {
         args.services, args.endpoints
     );
     println!(
-        "| backend | operation | ferrolet | kube-proxy-shaped restore | speedup | ferrolet bytes | baseline bytes |"
+        "| backend | operation | ferrolet wall | baseline wall | wall speedup | ferrolet CPU | baseline CPU | CPU speedup | ferrolet bytes | baseline bytes |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut json_rows = Vec::new();
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
     for r in &results {
         for (op, m) in [
             ("full sync (empty tables)", r.full),
             ("full resync (rules in place)", r.resync),
             ("one endpoint change", r.change),
         ] {
-            let ratio = m.base.as_secs_f64() / m.ours.as_secs_f64().max(1e-9);
+            let wall = ratio(m.base.wall, m.ours.wall);
+            let cpu = ratio(m.base.cpu, m.ours.cpu);
             println!(
-                "| {} | {op} | {:.1} ms | {:.1} ms | {ratio:.2}x | {} | {} |",
+                "| {} | {op} | {:.1} ms | {:.1} ms | {wall:.2}x | {:.1} ms | {:.1} ms | {cpu:.2}x | {} | {} |",
                 r.backend,
-                ms(m.ours),
-                ms(m.base),
+                ms(m.ours.wall),
+                ms(m.base.wall),
+                ms(m.ours.cpu),
+                ms(m.base.cpu),
                 m.ours_bytes,
                 m.base_bytes
             );
             json_rows.push(json!({
                 "backend": r.backend, "operation": op,
-                "ferrolet_ms": ms(m.ours), "baseline_ms": ms(m.base), "speedup": ratio,
+                "ferrolet_ms": ms(m.ours.wall), "baseline_ms": ms(m.base.wall), "speedup": wall,
+                "ferrolet_cpu_ms": ms(m.ours.cpu), "baseline_cpu_ms": ms(m.base.cpu), "cpu_speedup": cpu,
                 "ferrolet_bytes": m.ours_bytes, "baseline_bytes": m.base_bytes,
             }));
         }
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    println!("\nload average at the end of the run: {}", load.join(" "));
     let doc = json!({
         "benchmark": "proxy",
+        "loadavg": load,
         "services": args.services,
         "endpoints_per_service": args.endpoints,
         "endpoint_changes_timed": args.changes,
