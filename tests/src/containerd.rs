@@ -15,6 +15,9 @@ use anyhow::{Context, bail};
 use crate::mounts::unmount_below;
 use crate::wait::poll_until;
 
+/// How long one `ctr` command may run.
+pub const CTR_DEADLINE: Duration = Duration::from_secs(120);
+
 /// A running containerd owned by one test. Dropping it stops its tasks, the daemon and its
 /// shims, unmounts what it mounted and removes its directory.
 pub struct Containerd {
@@ -69,16 +72,17 @@ impl Containerd {
         Ok(me)
     }
 
-    /// Runs `ctr --address <socket> -n k8s.io ARGS` and returns its output (whatever its status).
+    /// Runs `ctr --address <socket> -n k8s.io ARGS` and returns its output (whatever its
+    /// status). A ctr that is still running after [`CTR_DEADLINE`] is killed and reported as an
+    /// error, so a hung command fails its test instead of blocking the run.
     pub fn ctr(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new("ctr")
-            .arg("--address")
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
             .arg(&self.socket)
             .args(["-n", "k8s.io"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running ctr")
+            .args(args);
+        crate::process::output_within(&mut cmd, CTR_DEADLINE)
+            .with_context(|| format!("ctr {}", args.join(" ")))
     }
 
     /// Like [`Containerd::ctr`] but fails, with ctr's stderr, unless it exits 0; returns stdout.

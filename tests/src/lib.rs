@@ -4,6 +4,7 @@
 pub mod containerd;
 pub mod images;
 pub mod mounts;
+pub mod process;
 pub mod wait;
 
 use std::path::PathBuf;
