@@ -46,9 +46,12 @@ fn all_endpoints<'a>(t: &'a Topology, node: &'a str) -> Vec<(&'a str, &'a str)> 
 fn cluster_ip(backend: BackendChoice) {
     let t = Topology::new(3);
     let ipt = iptables_tool(backend);
-    t.node.exec(&[ipt, "-t", "nat", "-N", "SOMEONE-ELSE"]);
+    t.node
+        .exec(&[ipt, "-w", "5", "-t", "nat", "-N", "SOMEONE-ELSE"]);
     t.node.exec(&[
         ipt,
+        "-w",
+        "5",
         "-t",
         "nat",
         "-A",
@@ -58,10 +61,20 @@ fn cluster_ip(backend: BackendChoice) {
         "-j",
         "RETURN",
     ]);
-    t.node
-        .exec(&[ipt, "-t", "nat", "-A", "PREROUTING", "-j", "SOMEONE-ELSE"]);
     t.node.exec(&[
-        ipt, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT",
+        ipt,
+        "-w",
+        "5",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-j",
+        "SOMEONE-ELSE",
+    ]);
+    t.node.exec(&[
+        ipt, "-w", "5", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j",
+        "ACCEPT",
     ]);
 
     let (mut p, events) = t.proxier(backend);
@@ -365,8 +378,8 @@ fn flushed_chains_restored(backend: BackendChoice) {
     p.sync().expect("sync");
     assert!(p.check_canary().expect("canary"));
     let ipt = iptables_tool(backend);
-    t.node.exec(&[ipt, "-t", "nat", "-F"]);
-    t.node.exec(&[ipt, "-t", "nat", "-X"]);
+    t.node.exec(&[ipt, "-w", "5", "-t", "nat", "-F"]);
+    t.node.exec(&[ipt, "-w", "5", "-t", "nat", "-X"]);
     assert!(!t.iptables_save(backend, "nat").contains("FERRO-"));
     assert!(!p.check_canary().expect("canary"));
     assert!(p.sync().expect("sync").full);
