@@ -20,6 +20,7 @@ struct FakeKernel {
     tables: Mutex<Tables>,
     calls: Mutex<Vec<(String, Vec<String>, String)>>,
     fail_restores: Mutex<usize>,
+    legacy: bool,
 }
 
 const BUILTINS: &[(&str, &[&str])] = &[
@@ -195,6 +196,7 @@ impl Exec for FakeExec {
             })
         };
         match program {
+            "iptables" if args == ["-V"] && k.legacy => ok("iptables v1.8.9 (legacy)\n".into()),
             "iptables" if args == ["-V"] => ok("iptables v1.8.9 (nf_tables)\n".into()),
             "iptables" => {
                 // -w 5 -t TABLE -S CHAIN
@@ -798,4 +800,41 @@ async fn the_loop_syncs_changes_checks_the_canary_and_stops() {
         .await
         .expect("loop stops")
         .unwrap();
+}
+
+#[test]
+fn legacy_full_sync_is_one_payload_and_writes_what_batched_nft_writes() {
+    let changes: Vec<Change> = (0..30)
+        .flat_map(|i| {
+            let name = format!("svc{i}");
+            let ip = format!("10.96.1.{i}");
+            let ep = format!("10.244.3.{i}");
+            vec![
+                service(&name, &ip, tcp(80), json!({})),
+                slice(&name, &format!("{name}-1"), 80, "TCP", &[(&ep, "node-a")]),
+            ]
+        })
+        .collect();
+    let nft = fresh_full_sync(&changes, |_| {});
+
+    let mut k = FakeKernel::default();
+    k.legacy = true;
+    let k = Arc::new(k);
+    {
+        let mut t = k.tables.lock().unwrap();
+        for (table, chains) in BUILTINS {
+            let e = t.entry((*table).to_owned()).or_default();
+            for c in *chains {
+                e.insert((*c).to_owned(), Vec::new());
+            }
+        }
+    }
+    let (mut p, _) = proxier(&k);
+    assert_eq!(p.iptables().backend(), Backend::Legacy);
+    for c in &changes {
+        p.apply(c.clone());
+    }
+    p.sync().unwrap();
+    assert_eq!(k.restores().len(), 1);
+    assert_eq!(k.ours(), nft);
 }
