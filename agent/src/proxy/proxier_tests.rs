@@ -30,7 +30,14 @@ const BUILTINS: &[(&str, &[&str])] = &[
 
 impl FakeKernel {
     fn new() -> Arc<Self> {
-        let k = Self::default();
+        Self::with_backend(false)
+    }
+
+    fn with_backend(legacy: bool) -> Arc<Self> {
+        let k = Self {
+            legacy,
+            ..Self::default()
+        };
         {
             let mut t = k.tables.lock().unwrap();
             for (table, chains) in BUILTINS {
@@ -817,18 +824,7 @@ fn legacy_full_sync_is_one_payload_and_writes_what_batched_nft_writes() {
         .collect();
     let nft = fresh_full_sync(&changes, |_| {});
 
-    let mut k = FakeKernel::default();
-    k.legacy = true;
-    let k = Arc::new(k);
-    {
-        let mut t = k.tables.lock().unwrap();
-        for (table, chains) in BUILTINS {
-            let e = t.entry((*table).to_owned()).or_default();
-            for c in *chains {
-                e.insert((*c).to_owned(), Vec::new());
-            }
-        }
-    }
+    let k = FakeKernel::with_backend(true);
     let (mut p, _) = proxier(&k);
     assert_eq!(p.iptables().backend(), Backend::Legacy);
     for c in &changes {
