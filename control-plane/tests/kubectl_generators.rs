@@ -93,4 +93,13 @@ fn kubectl_create_run_and_expose_make_the_objects_asked_for() {
     assert!(
         job["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"].is_string()
     );
+
+    // Server-side apply creates, then merges the applied configuration.
+    let applied = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\n  namespace: gen\ndata:\n  k: one\n";
+    let out = cp.kubectl_with(&["apply", "--server-side", "-f", "-"], Some(applied), &[]);
+    assert!(out.contains("serverside-applied"), "{out}");
+    let changed = applied.replace("k: one", "k: two");
+    cp.kubectl_with(&["apply", "--server-side", "-f", "-"], Some(&changed), &[]);
+    let ssa = cp.kubectl_json(&["-n", "gen", "get", "configmap", "ssa"]);
+    assert_eq!(ssa["data"]["k"], "two");
 }

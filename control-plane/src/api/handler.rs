@@ -1048,8 +1048,41 @@ impl Api {
                 limit: decode::MAX_BODY,
             });
         }
-        let patch_doc: Value = serde_json::from_slice(&req.body)
-            .map_err(|e| ApiError::BadRequest(format!("error decoding patch: {e}")))?;
+        let patch_doc: Value = if kind == PatchType::Apply {
+            decode::parse_body(&req.body, "application/yaml")?
+        } else {
+            serde_json::from_slice(&req.body)
+                .map_err(|e| ApiError::BadRequest(format!("error decoding patch: {e}")))?
+        };
+        if kind == PatchType::Apply {
+            if req.query.get("fieldManager").is_none_or(String::is_empty) {
+                return Err(ApiError::BadRequest(
+                    "PATCH with apply requires a fieldManager query parameter".into(),
+                ));
+            }
+            let exists = self
+                .store
+                .get(&r.key(self.namespace(req), self.name(req)))
+                .await
+                .map_err(store_err(r, self.name(req)))?
+                .is_some();
+            if !exists && req.route.subresource.is_none() {
+                let create = ResourceRequest {
+                    route: ResourceRoute {
+                        resource: r,
+                        namespace: req.route.namespace.clone(),
+                        name: None,
+                        subresource: None,
+                    },
+                    verb: Verb::Create,
+                    query: req.query.clone(),
+                    content_type: "application/json".into(),
+                    table: req.table,
+                    body: Bytes::from(patch_doc.to_string()),
+                };
+                return self.create(&create).await;
+            }
+        }
         let explicit_rv = match kind {
             PatchType::Json => patch_doc.as_array().is_some_and(|ops| {
                 ops.iter().any(|op| {
@@ -1883,6 +1916,35 @@ mod tests {
         call(&api, "POST", svcs, JSON, svc("s6"))
             .await
             .expect("an IP was freed");
+    }
+
+    #[tokio::test]
+    async fn apply_creates_then_merges() {
+        let api = api().await;
+        let item = format!("{DEPLOYS}/web?fieldManager=test");
+        let yaml = "application/apply-patch+yaml";
+        let created = call(&api, "PATCH", &item, yaml, deployment(2))
+            .await
+            .expect("apply creates");
+        assert_eq!(created["spec"]["replicas"], 2);
+        let mut again = deployment(4);
+        again["metadata"]["labels"] = json!({"applied": "yes"});
+        let merged = call(&api, "PATCH", &item, yaml, again)
+            .await
+            .expect("apply merges");
+        assert_eq!(merged["spec"]["replicas"], 4);
+        assert_eq!(merged["metadata"]["labels"]["applied"], "yes");
+        assert_eq!(merged["metadata"]["uid"], created["metadata"]["uid"]);
+        let err = call(
+            &api,
+            "PATCH",
+            &format!("{DEPLOYS}/web"),
+            yaml,
+            deployment(1),
+        )
+        .await
+        .expect_err("no field manager");
+        assert_eq!(err.code(), 400);
     }
 
     #[tokio::test]

@@ -138,6 +138,7 @@ fn operation(r: &Resource, action: &str, id: &str, body: Option<&str>, write: bo
                 "application/json-patch+json",
                 "application/merge-patch+json",
                 "application/strategic-merge-patch+json",
+                "application/apply-patch+yaml",
             ]
         } else {
             &["application/json"]

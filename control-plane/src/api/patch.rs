@@ -157,6 +157,9 @@ pub enum PatchType {
     Json,
     Merge,
     StrategicMerge,
+    /// Server-side apply, reduced: the applied configuration is merged like a strategic merge
+    /// patch (no field ownership, so fields dropped from the configuration are not removed).
+    Apply,
 }
 
 impl PatchType {
@@ -165,6 +168,7 @@ impl PatchType {
             "application/json-patch+json" => Some(PatchType::Json),
             "application/merge-patch+json" => Some(PatchType::Merge),
             "application/strategic-merge-patch+json" => Some(PatchType::StrategicMerge),
+            "application/apply-patch+yaml" => Some(PatchType::Apply),
             _ => None,
         }
     }
@@ -208,7 +212,7 @@ pub fn apply(
             json_patch::merge(&mut doc, patch);
             Ok(doc)
         }
-        PatchType::StrategicMerge => {
+        PatchType::StrategicMerge | PatchType::Apply => {
             if !patch.is_object() {
                 return Err(PatchError::NotAnObject);
             }

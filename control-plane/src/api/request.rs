@@ -191,7 +191,8 @@ pub fn verb(
                 ApiError::UnsupportedMediaType(format!(
                     "the body of the request was in an unknown format - accepted media types \
                      include: application/json-patch+json, application/merge-patch+json, \
-                     application/strategic-merge-patch+json (got {content_type:?})"
+                     application/strategic-merge-patch+json, application/apply-patch+yaml \
+                     (got {content_type:?})"
                 ))
             }),
         ("DELETE", true) => Ok(Verb::Delete),
