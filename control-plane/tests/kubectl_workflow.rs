@@ -356,7 +356,7 @@ fn kubectl_drives_the_whole_workflow() {
     let late = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: late\n  namespace: shop\n";
     let out = cp.kubectl_output(&["create", "-f", "-"], Some(late), &[]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("being terminated"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("configmaps \"late\" is forbidden: unable to create new content in namespace shop because it is being terminated"));
 }
 
 #[test]

@@ -579,7 +579,12 @@ impl Api {
         }
     }
 
-    async fn check_namespace(&self, r: &Resource, ns: Option<&str>) -> Result<(), ApiError> {
+    async fn check_namespace(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<(), ApiError> {
         let Some(ns) = ns.filter(|_| r.namespaced) else {
             return Ok(());
         };
@@ -588,9 +593,8 @@ impl Api {
         let obj = render(nsr, &kv)?;
         if !object::meta_str(&obj, "deletionTimestamp").is_empty() {
             return Err(ApiError::Forbidden(format!(
-                "{} {:?} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                "{} {name:?} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
                 r.qualified(),
-                "",
             )));
         }
         Ok(())
@@ -661,7 +665,7 @@ impl Api {
         validation::default(r.kind, &mut obj);
         self.check(r, &obj, None)?;
         let name = object::name(&obj).to_owned();
-        self.check_namespace(r, ns).await?;
+        self.check_namespace(r, ns, &name).await?;
         let dry_run = req.query.get("dryRun").is_some_and(|d| d == "All");
         let key = r.key(ns, &name);
         if dry_run {
