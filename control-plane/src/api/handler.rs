@@ -659,6 +659,13 @@ impl Api {
             }
         }
         self.init_metadata(&mut obj);
+        // Status is the system's to write, except that a node reports its own on registration.
+        if r.has_status()
+            && r.kind != Kind::Node
+            && let Some(map) = obj.as_object_mut()
+        {
+            map.remove("status");
+        }
         if r.tracks_generation() {
             metadata_mut(&mut obj).insert("generation".into(), json!(1));
         }
@@ -1797,10 +1804,16 @@ mod tests {
     #[tokio::test]
     async fn generation_moves_with_spec_and_status_only_through_its_subresource() {
         let api = api().await;
-        let created = call(&api, "POST", DEPLOYS, JSON, deployment(1))
+        let mut with_status = deployment(1);
+        with_status["status"] = json!({"replicas": 5});
+        let created = call(&api, "POST", DEPLOYS, JSON, with_status)
             .await
             .expect("create");
         assert_eq!(created["metadata"]["generation"], 1);
+        assert!(
+            created.get("status").is_none(),
+            "status taken from a create: {created}"
+        );
         let item = format!("{DEPLOYS}/web");
         let labelled = call(
             &api,
