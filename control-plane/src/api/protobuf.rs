@@ -591,6 +591,17 @@ mod tests {
         assert_eq!(obj["spec"], json!({"replicas": 0}));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let mut body = b"k8s\0".to_vec();
+            body.extend_from_slice(&tail);
+            let _ = decode(&body);
+            let wrapped = envelope("apps/v1", "Deployment", &tail);
+            let _ = decode(&wrapped);
+        }
+    }
+
     #[test]
     fn garbage_is_a_bad_request() {
         assert_eq!(decode(b"nope").map_err(|e| e.code()).err(), Some(400));
