@@ -45,6 +45,8 @@ const MAX_GROUP: usize = 512;
 const QUEUE: usize = 4096;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 8;
+/// How much of the database file a read connection maps (address space, not memory).
+const READER_MMAP_BYTES: i64 = 1 << 30;
 /// Keys are UTF-8, which never contains the byte 0xff: an upper bound for "all keys".
 const NO_KEY_END: &[u8] = b"\xff";
 
@@ -608,6 +610,10 @@ impl Readers {
         .map_err(sql("open a read connection"))?;
         conn.pragma_update(None, "query_only", true)
             .map_err(sql("make a read connection read-only"))?;
+        // Lists read the whole table: map the file instead of copying every page through
+        // read() into a small per-connection cache.
+        conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES)
+            .map_err(sql("set mmap size"))?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sql("set busy timeout"))?;
         Ok(conn)
