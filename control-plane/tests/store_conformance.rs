@@ -450,6 +450,48 @@ pub async fn slow_watcher_gets_every_event(store: &dyn Store) {
     }
 }
 
+pub async fn lagging_watcher_behind_compaction_gets_no_gap(store: &dyn Store) {
+    // A watcher that does not read while its history is compacted away either still gets
+    // every event (the backend had them buffered) or stops with Compacted; it never skips.
+    const WRITES: usize = 1500;
+    let from = store.current_revision().await.unwrap();
+    let mut watch = store.watch("/lag/", from).await.unwrap();
+    for i in 0..WRITES {
+        store
+            .create(&format!("/lag/{i:05}"), val("x"))
+            .await
+            .unwrap();
+    }
+    let now = store.current_revision().await.unwrap();
+    store.compact(now).await.unwrap();
+    let mut seen = 0;
+    loop {
+        match tokio::time::timeout(EVENT_DEADLINE, watch.next()).await {
+            Ok(Some(Ok(event))) => {
+                assert_eq!(event.key(), format!("/lag/{seen:05}"), "no gap, no reorder");
+                seen += 1;
+                if seen == WRITES {
+                    break;
+                }
+            }
+            Ok(Some(Err(StoreError::Compacted { compacted, .. }))) => {
+                assert_eq!(compacted, now);
+                assert!(
+                    tokio::time::timeout(EVENT_DEADLINE, watch.next())
+                        .await
+                        .expect("a failed watch ends at once")
+                        .is_none(),
+                    "nothing after the error"
+                );
+                break;
+            }
+            Ok(Some(Err(e))) => panic!("watch failed with {e}, expected Compacted"),
+            Ok(None) => panic!("watch ended after {seen} events without an error"),
+            Err(_) => panic!("watch stalled after {seen} events"),
+        }
+    }
+}
+
 pub async fn concurrent_writers_lose_no_update(store: Arc<dyn Store>) {
     const WRITERS: usize = 8;
     const INCREMENTS: usize = 25;
@@ -521,6 +563,7 @@ macro_rules! conformance {
             case!(delete_events_carry_the_previous_value);
             case!(compaction_answers_old_revisions_with_compacted);
             case!(slow_watcher_gets_every_event);
+            case!(lagging_watcher_behind_compaction_gets_no_gap);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_writers_lose_no_update() {
