@@ -1,5 +1,12 @@
 //! ferrolet, the node agent: the kubelet and the service proxy. The binary only parses
 //! arguments and calls in here.
 
+pub mod api;
+pub mod cni;
 pub mod config;
+pub mod cri;
+pub mod kubelet;
+pub mod node;
+pub mod pods;
 pub mod proxy;
+pub mod volumes;

@@ -1,0 +1,110 @@
+//! The kubelet half of the agent put together: connects to the API and the CRI runtime,
+//! then runs node registration/status/lease and the pod manager until shutdown.
+
+use std::net::{IpAddr, ToSocketAddrs as _, UdpSocket};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::api::{ApiError, Client, Kubeconfig, KubeconfigError};
+use crate::cni::Cni;
+use crate::config::AgentConfig;
+use crate::cri::{CriError, CriRuntime, Runtime};
+use crate::node::{NodeAgent, NodeSettings};
+use crate::pods::worker::Deps;
+use crate::pods::{PodContext, PodManager};
+
+/// What stops the kubelet from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeletError {
+    #[error(transparent)]
+    Kubeconfig(#[from] KubeconfigError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Runtime(#[from] CriError),
+    #[error("creating {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The address this host uses to reach `server` (`https://host:port`): connecting a UDP
+/// socket picks the route without sending anything.
+pub fn host_ip_towards(server: &str) -> Option<IpAddr> {
+    let rest = server.split("://").nth(1)?;
+    let authority = rest.split('/').next()?;
+    let with_port = if authority.starts_with('[') {
+        if authority.contains("]:") {
+            authority.to_owned()
+        } else {
+            format!("{authority}:443")
+        }
+    } else if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:443")
+    };
+    let target = with_port.to_socket_addrs().ok()?.next()?;
+    let bind: IpAddr = if target.is_ipv4() {
+        IpAddr::from([0, 0, 0, 0])
+    } else {
+        IpAddr::from([0u16; 8])
+    };
+    let socket = UdpSocket::bind((bind, 0)).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+/// Runs the kubelet until `shutdown` becomes true. Containers keep running after it returns.
+pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<(), KubeletError> {
+    let kubeconfig = Kubeconfig::load(&config.kubeconfig)?;
+    let api = Arc::new(Client::new(&kubeconfig)?);
+    let runtime = Arc::new(CriRuntime::connect(&config.runtime_socket()).await?);
+    let version = runtime.version().await?;
+    info!(runtime = %version.runtime_name, version = %version.runtime_version, "connected to the CRI runtime");
+    let cache_dir = config.root_dir.join("cni/results");
+    std::fs::create_dir_all(&cache_dir).map_err(|source| KubeletError::Io {
+        path: cache_dir.clone(),
+        source,
+    })?;
+    let network = Arc::new(Cni {
+        bin_dir: config.cni_bin_dir.clone(),
+        conf_dir: config.cni_conf_dir.clone(),
+        cache_dir,
+    });
+    let host_ips: Vec<String> = host_ip_towards(&kubeconfig.server)
+        .map(|ip| vec![ip.to_string()])
+        .unwrap_or_default();
+    let ctx = PodContext {
+        node_name: config.node_name.clone(),
+        root_dir: config.root_dir.clone(),
+        cgroup_root: config.cgroup_root.clone(),
+        cluster_dns: config.cluster_dns.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+        resolv_conf: config.resolv_conf.clone(),
+        host_ips: host_ips.clone(),
+        runtime_name: version.runtime_name.clone(),
+    };
+    let node = Arc::new(NodeAgent {
+        api: api.clone(),
+        runtime: runtime.clone(),
+        network: network.clone(),
+        settings: NodeSettings::from_config(&config, host_ips),
+    });
+    let deps = Arc::new(Deps {
+        api,
+        runtime,
+        network,
+        ctx,
+        cgroupfs: "/sys/fs/cgroup".into(),
+    });
+    let pods = Arc::new(PodManager::new(deps));
+    let node_task = tokio::spawn(node.run(shutdown.clone()));
+    let pods_task = tokio::spawn(pods.run(shutdown));
+    let _ = node_task.await;
+    let _ = pods_task.await;
+    Ok(())
+}

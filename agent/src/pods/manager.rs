@@ -1,0 +1,201 @@
+//! The pod watch: lists and watches pods bound to this node (`spec.nodeName`), hands each
+//! to its own worker task, relists after watch errors or 410 Gone, and tears down sandboxes
+//! of pods that no longer exist (deleted while the agent was down).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::api::{Api, ApiError, ListParams, WatchEvent};
+use crate::cni::Network;
+use crate::cri::Runtime;
+
+use super::observed::labels;
+use super::spec::managed_selector;
+use super::worker::{Deps, PodWorker, teardown};
+
+struct Handle {
+    tx: watch::Sender<Option<Pod>>,
+}
+
+/// Runs one worker per pod of this node.
+pub struct PodManager<A, R, N> {
+    deps: Arc<Deps<A, R, N>>,
+    workers: Arc<Mutex<HashMap<String, Handle>>>,
+    /// Pods already torn down; late events for them start nothing.
+    done: Arc<Mutex<HashSet<String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<A: Api, R: Runtime, N: Network> PodManager<A, R, N> {
+    pub fn new(deps: Arc<Deps<A, R, N>>) -> PodManager<A, R, N> {
+        PodManager {
+            deps,
+            workers: Arc::default(),
+            done: Arc::default(),
+        }
+    }
+
+    /// Number of pods with a worker.
+    pub fn worker_count(&self) -> usize {
+        lock(&self.workers).len()
+    }
+
+    /// Hands the newest version of `pod` to its worker, starting one if needed.
+    pub fn dispatch(&self, pod: Pod) {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return;
+        };
+        if lock(&self.done).contains(&uid) {
+            return;
+        }
+        let mut workers = lock(&self.workers);
+        if let Some(h) = workers.get(&uid) {
+            h.tx.send_replace(Some(pod));
+            return;
+        }
+        let (tx, rx) = watch::channel(Some(pod.clone()));
+        workers.insert(uid.clone(), Handle { tx });
+        let worker = PodWorker::new(self.deps.clone(), pod);
+        let all = self.workers.clone();
+        let done = self.done.clone();
+        tokio::spawn(async move {
+            worker.run(rx).await;
+            lock(&all).remove(&uid);
+            lock(&done).insert(uid);
+        });
+    }
+
+    /// The pod with `uid` is gone from the API.
+    pub fn gone(&self, uid: &str) {
+        if let Some(h) = lock(&self.workers).get(uid) {
+            h.tx.send_replace(None);
+        }
+    }
+
+    /// Tears down sandboxes this agent made for pods not in `known` and without a worker.
+    pub async fn remove_orphans(&self, known: &HashSet<String>) {
+        let sandboxes = match self
+            .deps
+            .runtime
+            .list_pod_sandboxes(managed_selector())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "listing sandboxes for orphans");
+                return;
+            }
+        };
+        let orphans: HashSet<String> = sandboxes
+            .iter()
+            .filter_map(|s| s.labels.get(labels::POD_UID).cloned())
+            .filter(|uid| !known.contains(uid) && !lock(&self.workers).contains_key(uid))
+            .collect();
+        for uid in orphans {
+            info!(uid = %uid, "tearing down the sandbox of a pod that no longer exists");
+            let deps = self.deps.clone();
+            tokio::spawn(async move {
+                let pod = Pod::default();
+                if let Err(e) = teardown(&deps, &pod, &uid, 0).await {
+                    warn!(uid = %uid, error = %e, "orphan teardown failed");
+                }
+            });
+        }
+    }
+
+    /// Lists, then watches, forever (until `shutdown` turns true).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let params = ListParams::fields(format!("spec.nodeName={}", self.deps.ctx.node_name));
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let rv = match self.relist(&params).await {
+                Ok(rv) => rv,
+                Err(e) => {
+                    warn!(error = %e, "listing pods failed; retrying");
+                    if wait_or_shutdown(&mut shutdown, Duration::from_secs(1)).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let stream = match self.deps.api.watch::<Pod>(None, &params, &rv).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "watching pods failed; relisting");
+                    if wait_or_shutdown(&mut shutdown, Duration::from_secs(1)).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut stream = stream;
+            loop {
+                let next = tokio::select! {
+                    n = stream.next() => n,
+                    _ = shutdown.changed() => return,
+                };
+                match next {
+                    Some(Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod))) => {
+                        self.dispatch(pod);
+                    }
+                    Some(Ok(WatchEvent::Deleted(pod))) => {
+                        if let Some(uid) = &pod.metadata.uid {
+                            self.gone(uid);
+                        }
+                    }
+                    Some(Ok(WatchEvent::Bookmark(_))) => {}
+                    Some(Err(ApiError::Gone { .. })) => {
+                        info!("pod watch expired (410); relisting");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "pod watch failed; relisting");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn relist(&self, params: &ListParams) -> Result<String, ApiError> {
+        let list = self.deps.api.list::<Pod>(None, params).await?;
+        let known: HashSet<String> = list
+            .items
+            .iter()
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
+        let stale: Vec<String> = lock(&self.workers)
+            .keys()
+            .filter(|uid| !known.contains(*uid))
+            .cloned()
+            .collect();
+        for uid in stale {
+            self.gone(&uid);
+        }
+        for pod in list.items {
+            self.dispatch(pod);
+        }
+        self.remove_orphans(&known).await;
+        Ok(list.resource_version)
+    }
+}
+
+/// Sleeps for `d`; true if shutdown was requested meanwhile.
+async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.changed() => true,
+        () = tokio::time::sleep(d) => *shutdown.borrow(),
+    }
+}

@@ -1,0 +1,731 @@
+//! Pod logic against fakes: the pure phase/plan/status rules, and whole workers driving a
+//! recording runtime, network and API.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use super::backoff::Backoff;
+use super::observed::{ContainerObs, Observed, RunState, SandboxObs};
+use super::plan::{Start, plan};
+use super::spec::PodContext;
+use super::status::{StatusContext, phase, pod_status};
+use super::worker::{Deps, PodWorker};
+use crate::api::fake::{FakeApi, Write};
+use crate::cni::fake::FakeNetwork;
+use crate::cri::fake::FakeRuntime;
+
+const IMAGE: &str = "ferrolet.local/busybox:1";
+
+fn container(name: &str) -> Container {
+    Container {
+        name: name.into(),
+        image: Some(IMAGE.into()),
+        ..Default::default()
+    }
+}
+
+fn pod(name: &str, init: &[&str], apps: &[&str], policy: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            uid: Some(format!("uid-{name}")),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some("node-a".into()),
+            restart_policy: Some(policy.into()),
+            init_containers: (!init.is_empty())
+                .then(|| init.iter().map(|n| container(n)).collect()),
+            containers: apps.iter().map(|n| container(n)).collect(),
+            termination_grace_period_seconds: Some(7),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn obs_container(name: &str, attempt: u32, state: RunState, exit_code: i32) -> ContainerObs {
+    ContainerObs {
+        id: format!("{name}-{attempt}"),
+        name: name.into(),
+        attempt,
+        state,
+        exit_code,
+        reason: String::new(),
+        message: String::new(),
+        created_at: 1_000 + i64::from(attempt),
+        started_at: 2_000_000_000,
+        finished_at: if state == RunState::Exited {
+            3_000_000_000
+        } else {
+            0
+        },
+        image_ref: "sha256:abc".into(),
+    }
+}
+
+fn observed(containers: Vec<ContainerObs>) -> Observed {
+    Observed {
+        sandbox: Some(SandboxObs {
+            id: "sb".into(),
+            ready: true,
+            attempt: 0,
+            ips: vec!["10.88.0.5".into()],
+        }),
+        containers,
+    }
+}
+
+fn spec_of(p: &Pod) -> &PodSpec {
+    p.spec.as_ref().expect("spec")
+}
+
+#[test]
+fn phase_follows_the_kubelet_rules() {
+    use RunState::{Exited, Running};
+    let cases: Vec<(&str, &[&str], Vec<ContainerObs>, &str)> = vec![
+        ("Always", &[], vec![], phase::PENDING),
+        (
+            "Always",
+            &[],
+            vec![obs_container("a", 0, Running, 0)],
+            phase::RUNNING,
+        ),
+        (
+            "Always",
+            &[],
+            vec![obs_container("a", 0, Exited, 0)],
+            phase::RUNNING,
+        ),
+        (
+            "Never",
+            &[],
+            vec![obs_container("a", 0, Exited, 0)],
+            phase::SUCCEEDED,
+        ),
+        (
+            "Never",
+            &[],
+            vec![obs_container("a", 0, Exited, 2)],
+            phase::FAILED,
+        ),
+        (
+            "OnFailure",
+            &[],
+            vec![obs_container("a", 0, Exited, 2)],
+            phase::RUNNING,
+        ),
+        (
+            "OnFailure",
+            &[],
+            vec![obs_container("a", 0, Exited, 0)],
+            phase::SUCCEEDED,
+        ),
+        (
+            "Never",
+            &["i"],
+            vec![obs_container("i", 0, Exited, 1)],
+            phase::FAILED,
+        ),
+        (
+            "Always",
+            &["i"],
+            vec![obs_container("i", 0, Exited, 1)],
+            phase::PENDING,
+        ),
+        (
+            "Always",
+            &["i"],
+            vec![obs_container("i", 0, Running, 0)],
+            phase::PENDING,
+        ),
+        (
+            "Always",
+            &["i"],
+            vec![
+                obs_container("i", 0, Exited, 0),
+                obs_container("a", 0, Running, 0),
+            ],
+            phase::RUNNING,
+        ),
+    ];
+    for (policy, init, containers, want) in cases {
+        let p = pod("p", init, &["a"], policy);
+        let got = phase(spec_of(&p), &observed(containers.clone()));
+        assert_eq!(got, want, "{policy} init={init:?} {containers:?}");
+    }
+}
+
+#[test]
+fn plan_creates_a_sandbox_first_and_replaces_a_dead_one() {
+    let p = pod("p", &[], &["a"], "Always");
+    let now = SystemTime::now();
+    let fresh = plan(spec_of(&p), &Observed::default(), &Backoff::default(), now);
+    assert_eq!(fresh.create_sandbox, Some(0));
+    assert!(fresh.start.is_empty());
+    let mut dead = observed(vec![obs_container("a", 0, RunState::Exited, 137)]);
+    if let Some(sb) = dead.sandbox.as_mut() {
+        sb.ready = false;
+        sb.attempt = 2;
+    }
+    let replaced = plan(spec_of(&p), &dead, &Backoff::default(), now);
+    assert_eq!(replaced.create_sandbox, Some(3));
+}
+
+#[test]
+fn plan_runs_init_containers_one_at_a_time_in_order_then_all_apps() {
+    let p = pod("p", &["i1", "i2"], &["a", "b"], "Always");
+    let b = Backoff::default();
+    let now = SystemTime::now();
+    let names = |obs: Observed| -> Vec<String> {
+        plan(spec_of(&p), &obs, &b, now)
+            .start
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    };
+    assert_eq!(names(observed(vec![])), ["i1"]);
+    assert!(names(observed(vec![obs_container("i1", 0, RunState::Running, 0)])).is_empty());
+    assert_eq!(
+        names(observed(vec![obs_container("i1", 0, RunState::Exited, 0)])),
+        ["i2"]
+    );
+    assert_eq!(
+        names(observed(vec![
+            obs_container("i1", 0, RunState::Exited, 0),
+            obs_container("i2", 0, RunState::Exited, 0),
+        ])),
+        ["a", "b"]
+    );
+}
+
+#[test]
+fn plan_restarts_per_policy_with_backoff() {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(4);
+    let exited = |code| observed(vec![obs_container("a", 3, RunState::Exited, code)]);
+    let fresh = Backoff::default();
+    let always = pod("p", &[], &["a"], "Always");
+    let got = plan(spec_of(&always), &exited(0), &fresh, now);
+    assert_eq!(
+        got.start,
+        [Start {
+            name: "a".into(),
+            init: false,
+            attempt: 4,
+            restart: true
+        }]
+    );
+    let on_failure = pod("p", &[], &["a"], "OnFailure");
+    assert_eq!(
+        plan(spec_of(&on_failure), &exited(1), &fresh, now)
+            .start
+            .len(),
+        1
+    );
+    assert!(plan(spec_of(&on_failure), &exited(0), &fresh, now).finished);
+    let never = pod("p", &[], &["a"], "Never");
+    let done = plan(spec_of(&never), &exited(1), &fresh, now);
+    assert!(done.finished && done.start.is_empty());
+
+    // After a restart, the next exit waits (CrashLoopBackOff) and says so.
+    let mut b = Backoff::default();
+    b.restarted("a", now);
+    let held = plan(spec_of(&always), &exited(1), &b, now);
+    assert!(held.start.is_empty());
+    let w = held.waiting.get("a").expect("held back");
+    assert_eq!(w.reason, "CrashLoopBackOff");
+    assert!(w.message.contains("exit code 1"), "{}", w.message);
+    let requeue = held.requeue_after.expect("requeue");
+    assert!(requeue <= Duration::from_secs(10), "{requeue:?}");
+}
+
+#[test]
+fn status_reports_states_restart_counts_conditions_and_ips() {
+    let p = pod("p", &["i"], &["a", "b"], "Always");
+    let obs = observed(vec![
+        obs_container("i", 0, RunState::Exited, 0),
+        obs_container("a", 0, RunState::Exited, 1),
+        obs_container("a", 1, RunState::Running, 0),
+        obs_container("b", 2, RunState::Exited, 3),
+    ]);
+    let waiting = BTreeMap::from([(
+        "b".to_owned(),
+        super::status::Waiting {
+            reason: "CrashLoopBackOff".into(),
+            message: "back-off".into(),
+        },
+    )]);
+    let readiness = HashMap::new();
+    let ctx = StatusContext {
+        host_ips: &["192.0.2.1".to_owned()],
+        runtime_name: "containerd",
+        now: Timestamp::UNIX_EPOCH,
+        waiting: &waiting,
+        readiness: &readiness,
+    };
+    let s = pod_status(&p, &obs, &ctx);
+    assert_eq!(s.phase.as_deref(), Some("Running"));
+    assert_eq!(s.pod_ip.as_deref(), Some("10.88.0.5"));
+    assert_eq!(s.host_ip.as_deref(), Some("192.0.2.1"));
+    let cs = s.container_statuses.expect("statuses");
+    let a = &cs[0];
+    assert_eq!(a.restart_count, 1);
+    assert!(a.ready && a.state.as_ref().is_some_and(|s| s.running.is_some()));
+    let last = a
+        .last_state
+        .as_ref()
+        .and_then(|l| l.terminated.as_ref())
+        .expect("lastState");
+    assert_eq!((last.exit_code, last.reason.as_deref()), (1, Some("Error")));
+    assert_eq!(a.container_id.as_deref(), Some("containerd://a-1"));
+    let b = &cs[1];
+    assert_eq!(b.restart_count, 2);
+    assert!(!b.ready);
+    assert_eq!(
+        b.state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.as_deref()),
+        Some("CrashLoopBackOff")
+    );
+    assert_eq!(
+        b.last_state
+            .as_ref()
+            .and_then(|l| l.terminated.as_ref())
+            .map(|t| t.exit_code),
+        Some(3)
+    );
+    let cond = |t: &str| {
+        s.conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == t)
+            .map(|c| c.status.clone())
+    };
+    assert_eq!(cond("Initialized").as_deref(), Some("True"));
+    assert_eq!(cond("Ready").as_deref(), Some("False"));
+    assert_eq!(cond("PodScheduled").as_deref(), Some("True"));
+    assert!(s.start_time.is_some());
+}
+
+#[test]
+fn condition_transition_times_are_kept_while_unchanged() {
+    let p0 = pod("p", &[], &["a"], "Always");
+    let obs = observed(vec![obs_container("a", 0, RunState::Running, 0)]);
+    let waiting = BTreeMap::new();
+    let readiness = HashMap::new();
+    let at = |secs: i64| StatusContext {
+        host_ips: &[],
+        runtime_name: "fake",
+        now: Timestamp::from_second(secs).expect("time"),
+        waiting: &waiting,
+        readiness: &readiness,
+    };
+    let first = pod_status(&p0, &obs, &at(100));
+    let mut p1 = p0.clone();
+    p1.status = Some(first.clone());
+    let second = pod_status(&p1, &obs, &at(200));
+    assert_eq!(first, second, "nothing changed, nothing to patch");
+    let ready_time = |s: &PodStatus| -> Option<Time> {
+        s.conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready")
+            .and_then(|c| c.last_transition_time.clone())
+    };
+    assert_eq!(
+        ready_time(&second),
+        Some(Time(Timestamp::from_second(100).expect("t")))
+    );
+}
+
+struct Rig {
+    api: Arc<FakeApi>,
+    runtime: Arc<FakeRuntime>,
+    network: Arc<FakeNetwork>,
+    deps: Arc<Deps<FakeApi, FakeRuntime, FakeNetwork>>,
+    _root: tempfile::TempDir,
+}
+
+fn rig(runtime: FakeRuntime) -> Rig {
+    let root = tempfile::tempdir().expect("tempdir");
+    let api = Arc::new(FakeApi::new());
+    let runtime = Arc::new(runtime);
+    let network = Arc::new(FakeNetwork::default());
+    let deps = Arc::new(Deps {
+        api: api.clone(),
+        runtime: runtime.clone(),
+        network: network.clone(),
+        ctx: PodContext {
+            node_name: "node-a".into(),
+            root_dir: root.path().to_path_buf(),
+            cgroup_root: "/ferrolet-unit".into(),
+            cluster_dns: vec![],
+            cluster_domain: "cluster.local".into(),
+            resolv_conf: root.path().join("resolv.conf"),
+            host_ips: vec!["192.0.2.1".into()],
+            runtime_name: "fake".into(),
+        },
+        cgroupfs: root.path().join("cgroupfs"),
+    });
+    Rig {
+        api,
+        runtime,
+        network,
+        deps,
+        _root: root,
+    }
+}
+
+/// Syncs until the worker has nothing left to do right now.
+async fn settle(w: &mut PodWorker<FakeApi, FakeRuntime, FakeNetwork>) {
+    for _ in 0..10 {
+        let next = w.sync().await.expect("sync");
+        if !next.is_zero() {
+            return;
+        }
+    }
+    panic!("worker did not settle");
+}
+
+fn api_pod(rig: &Rig, name: &str) -> Pod {
+    rig.api
+        .object::<Pod>(Some("default"), name)
+        .expect("pod in API")
+}
+
+#[tokio::test]
+async fn a_pod_gets_sandbox_network_init_then_apps_and_reports_running() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], None));
+    rig.runtime.exit_on_start("init", 0);
+    let p = pod("web", &["init"], &["a", "b"], "Always");
+    rig.api.insert(Some("default"), &p);
+    let mut w = PodWorker::new(rig.deps.clone(), p);
+    settle(&mut w).await;
+
+    let calls = rig.runtime.calls();
+    let order: Vec<&str> = calls
+        .iter()
+        .map(String::as_str)
+        .filter(|c| c.starts_with("RunPodSandbox") || c.starts_with("StartContainer"))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "RunPodSandbox default/web attempt 0",
+            "StartContainer init",
+            "StartContainer a",
+            "StartContainer b"
+        ]
+    );
+    assert_eq!(rig.network.calls(), ["ADD sandbox-1"]);
+    let config = &rig.runtime.sandbox_configs()[0];
+    assert_eq!(
+        config.linux.as_ref().map(|l| l.cgroup_parent.as_str()),
+        Some("/ferrolet-unit/poduid-web")
+    );
+    let status = api_pod(&rig, "web").status.expect("status patched");
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(status.pod_ip.as_deref(), Some("10.88.0.2"));
+    assert_eq!(status.host_ip.as_deref(), Some("192.0.2.1"));
+    let ready: Vec<bool> = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .map(|c| c.ready)
+        .collect();
+    assert_eq!(ready, [true, true]);
+}
+
+#[tokio::test]
+async fn the_runtimes_own_pod_ip_skips_cni_and_host_network_uses_host_ip() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("10.22.0.9")));
+    let p = pod("p", &[], &["a"], "Always");
+    rig.api.insert(Some("default"), &p);
+    let mut w = PodWorker::new(rig.deps.clone(), p);
+    settle(&mut w).await;
+    assert!(rig.network.calls().is_empty(), "runtime did networking");
+    assert_eq!(
+        api_pod(&rig, "p").status.and_then(|s| s.pod_ip).as_deref(),
+        Some("10.22.0.9")
+    );
+
+    let rig = rig_host_network().await;
+    let status = rig.1;
+    assert_eq!(status.pod_ip.as_deref(), Some("192.0.2.1"));
+    assert!(rig.0.network.calls().is_empty());
+}
+
+async fn rig_host_network() -> (Rig, PodStatus) {
+    let rig = rig(FakeRuntime::new(&[IMAGE], None));
+    let mut p = pod("h", &[], &["a"], "Always");
+    if let Some(s) = p.spec.as_mut() {
+        s.host_network = Some(true);
+    }
+    rig.api.insert(Some("default"), &p);
+    let mut w = PodWorker::new(rig.deps.clone(), p);
+    settle(&mut w).await;
+    let status = api_pod(&rig, "h").status.expect("status");
+    (rig, status)
+}
+
+#[tokio::test]
+async fn never_policy_failure_ends_failed_and_stops_the_sandbox() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], None));
+    rig.runtime.exit_on_start("a", 3);
+    let p = pod("p", &[], &["a"], "Never");
+    rig.api.insert(Some("default"), &p);
+    let mut w = PodWorker::new(rig.deps.clone(), p);
+    settle(&mut w).await;
+    let status = api_pod(&rig, "p").status.expect("status");
+    assert_eq!(status.phase.as_deref(), Some("Failed"));
+    let term = status
+        .container_statuses
+        .as_ref()
+        .and_then(|c| c[0].state.clone());
+    assert_eq!(
+        term.and_then(|s| s.terminated).map(|t| t.exit_code),
+        Some(3)
+    );
+    let calls = rig.runtime.calls();
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.starts_with("StartContainer"))
+            .count(),
+        1
+    );
+    assert!(
+        calls.iter().any(|c| c.starts_with("StopPodSandbox")),
+        "{calls:?}"
+    );
+    assert_eq!(rig.network.calls(), ["ADD sandbox-1", "DEL sandbox-1"]);
+    // A later sync does not bring it back.
+    w.sync().await.expect("sync");
+    assert_eq!(rig.runtime.sandbox_count(), 1);
+    assert!(rig.runtime.running().is_empty());
+}
+
+#[tokio::test]
+async fn a_crashing_container_restarts_once_then_backs_off() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], None));
+    rig.runtime.exit_on_start("a", 1);
+    let p = pod("p", &[], &["a"], "Always");
+    rig.api.insert(Some("default"), &p);
+    let mut w = PodWorker::new(rig.deps.clone(), p);
+    settle(&mut w).await;
+    let calls = rig.runtime.calls();
+    let creates: Vec<&String> = calls
+        .iter()
+        .filter(|c| c.starts_with("CreateContainer"))
+        .collect();
+    assert_eq!(
+        creates,
+        ["CreateContainer a attempt 0", "CreateContainer a attempt 1"]
+    );
+    let status = api_pod(&rig, "p").status.expect("status");
+    let a = &status.container_statuses.expect("statuses")[0];
+    assert_eq!(a.restart_count, 1);
+    assert_eq!(
+        a.state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.as_deref()),
+        Some("CrashLoopBackOff")
+    );
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+}
+
+#[tokio::test]
+async fn image_pull_policies_are_honoured() {
+    let rig = rig(FakeRuntime::new(&[], None));
+    let mut p = pod("p", &[], &["never", "always", "missing"], "Always");
+    if let Some(s) = p.spec.as_mut() {
+        s.containers[0].image_pull_policy = Some("Never".into());
+        s.containers[1].image = Some("ferrolet.local/x:latest".into());
+        s.containers[2].image = Some("ferrolet.local/missing:1".into());
+    }
+    rig.api.insert(Some("default"), &p);
+    let mut w = PodWorker::new(rig.deps.clone(), p);
+    settle(&mut w).await;
+    let calls = rig.runtime.calls();
+    assert!(
+        !calls.iter().any(|c| c.contains(IMAGE)),
+        "Never pulls nothing: {calls:?}"
+    );
+    assert!(
+        calls.contains(&"PullImage ferrolet.local/x:latest".to_owned()),
+        "{calls:?}"
+    );
+    let status = api_pod(&rig, "p").status.expect("status");
+    let reason = |i: usize| {
+        status.container_statuses.as_ref().and_then(|c| {
+            c[i].state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.clone())
+        })
+    };
+    assert_eq!(reason(0).as_deref(), Some("ErrImageNeverPull"));
+    // The failed pull (ErrImagePull) is not retried on the next sync: ImagePullBackOff.
+    assert_eq!(reason(2).as_deref(), Some("ImagePullBackOff"));
+    assert_eq!(status.phase.as_deref(), Some("Pending"));
+    // Within the backoff the pull is not retried.
+    w.sync().await.expect("sync");
+    let pulls = rig
+        .runtime
+        .calls()
+        .iter()
+        .filter(|c| c.as_str() == "PullImage ferrolet.local/missing:1")
+        .count();
+    assert_eq!(pulls, 1);
+}
+
+#[tokio::test]
+async fn deletion_stops_gracefully_detaches_removes_and_deletes_with_grace_zero() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], None));
+    let p = pod("p", &[], &["a"], "Always");
+    rig.api.insert(Some("default"), &p);
+    let (tx, rx) = tokio::sync::watch::channel(Some(p.clone()));
+    let worker = PodWorker::new(rig.deps.clone(), p.clone());
+    let task = tokio::spawn(worker.run(rx));
+    let running = async {
+        while rig.runtime.running() != ["a"] {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("container running");
+    let mut deleting = api_pod(&rig, "p");
+    deleting.metadata.deletion_timestamp = Some(Time(crate::api::now()));
+    deleting.metadata.deletion_grace_period_seconds = Some(5);
+    tx.send_replace(Some(deleting));
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("worker ends")
+        .expect("worker task");
+    let calls = rig.runtime.calls();
+    let tail: Vec<&str> = calls
+        .iter()
+        .map(String::as_str)
+        .filter(|c| c.starts_with("Stop") || c.starts_with("Remove"))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "StopContainer a 5",
+            "StopPodSandbox sandbox-1",
+            "RemoveContainer a",
+            "RemovePodSandbox sandbox-1"
+        ]
+    );
+    assert_eq!(rig.network.calls(), ["ADD sandbox-1", "DEL sandbox-1"]);
+    assert_eq!(rig.runtime.sandbox_count(), 0);
+    let delete = rig
+        .api
+        .writes()
+        .into_iter()
+        .find(|w| matches!(w, Write::Delete { .. }))
+        .expect("final delete");
+    assert_eq!(
+        delete,
+        Write::Delete {
+            path: "/api/v1/namespaces/default/pods/p".into(),
+            params: crate::api::DeleteParams {
+                grace_period_seconds: Some(0),
+                uid: Some("uid-p".into())
+            }
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_pod_gone_from_the_api_is_torn_down_and_shutdown_leaves_pods_running() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], None));
+    let p = pod("p", &[], &["a"], "Always");
+    rig.api.insert(Some("default"), &p);
+    let (tx, rx) = tokio::sync::watch::channel(Some(p.clone()));
+    let task = tokio::spawn(PodWorker::new(rig.deps.clone(), p.clone()).run(rx));
+    let wait_running = async {
+        while rig.runtime.running().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait_running)
+        .await
+        .expect("running");
+    // Agent shutdown: the sender goes away; the container must keep running.
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("worker ends")
+        .expect("task");
+    assert_eq!(rig.runtime.running(), ["a"]);
+
+    // A new worker (agent restarted) adopts the pod without restarting anything.
+    let (tx, rx) = tokio::sync::watch::channel(Some(api_pod(&rig, "p")));
+    let task = tokio::spawn(PodWorker::new(rig.deps.clone(), api_pod(&rig, "p")).run(rx));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.send_replace(None);
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("worker ends")
+        .expect("task");
+    let calls = rig.runtime.calls();
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.starts_with("RunPodSandbox"))
+            .count(),
+        1
+    );
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.starts_with("StartContainer"))
+            .count(),
+        1
+    );
+    assert_eq!(rig.runtime.sandbox_count(), 0, "torn down: {calls:?}");
+    assert!(
+        !rig.api
+            .writes()
+            .iter()
+            .any(|w| matches!(w, Write::Delete { .. })),
+        "a pod already gone is not deleted again"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_network_add_leaves_no_sandbox_behind() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let api = Arc::new(FakeApi::new());
+    let runtime = Arc::new(FakeRuntime::new(&[IMAGE], None));
+    let network = Arc::new(FakeNetwork::failing());
+    let deps = Arc::new(Deps {
+        api: api.clone(),
+        runtime: runtime.clone(),
+        network,
+        ctx: rig(FakeRuntime::default()).deps.ctx.clone(),
+        cgroupfs: root.path().to_path_buf(),
+    });
+    let p = pod("p", &[], &["a"], "Always");
+    api.insert(Some("default"), &p);
+    let mut w = PodWorker::new(deps, p);
+    let err = w.sync().await.expect_err("CNI ADD fails");
+    assert!(err.to_string().contains("no IPs left"), "{err}");
+    assert_eq!(runtime.sandbox_count(), 0);
+    assert!(
+        runtime
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("RemovePodSandbox"))
+    );
+}

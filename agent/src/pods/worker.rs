@@ -1,0 +1,745 @@
+//! One pod's worker: observes the pod's sandbox and containers in the runtime, carries out
+//! the [`plan`](super::plan) (sandbox, network, images, volumes, env, containers), reports
+//! status on change, and on deletion stops everything gracefully, detaches the network,
+//! removes the sandbox and finally deletes the pod object.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ferrolet_cri::v1;
+use k8s_openapi::api::core::v1::{Container, LifecycleHandler, Pod, PodStatus};
+use tokio::sync::watch;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::api::{Api, DeleteParams, Patch};
+use crate::cni::{Attachment, Network};
+use crate::cri::Runtime;
+use crate::volumes;
+
+use super::PodError;
+use super::backoff::Backoff;
+use super::cgroups::remove_pod_cgroup;
+use super::observed::{ContainerObs, Observed, RunState, SandboxObs};
+use super::plan::{Start, plan};
+use super::spec::{HostVolume, PodContext, PodKey, container_config, sandbox_config, uid_selector};
+use super::status::{self, StatusContext, Waiting, pod_status};
+
+/// How often a worker looks at its pod when nothing else wakes it: the time it takes to
+/// notice a container exit.
+pub const POLL: Duration = Duration::from_secs(2);
+/// How often a finished pod is looked at.
+const IDLE_POLL: Duration = Duration::from_secs(30);
+
+/// What every worker shares.
+pub struct Deps<A, R, N> {
+    pub api: Arc<A>,
+    pub runtime: Arc<R>,
+    pub network: Arc<N>,
+    pub ctx: PodContext,
+    /// The cgroupfs mount, `/sys/fs/cgroup` on a host.
+    pub cgroupfs: PathBuf,
+}
+
+/// The worker of one pod.
+pub struct PodWorker<A, R, N> {
+    deps: Arc<Deps<A, R, N>>,
+    pod: Pod,
+    key: PodKey,
+    backoff: Backoff,
+    pull_backoff: Backoff,
+    pull_failed_at: HashMap<String, SystemTime>,
+    /// Containers held back by this worker (image or create errors), by name.
+    held: BTreeMap<String, Waiting>,
+    last_status: Option<PodStatus>,
+    readiness: HashMap<String, bool>,
+}
+
+fn obs_from(status: &v1::ContainerStatus) -> ContainerObs {
+    let state = match v1::ContainerState::try_from(status.state) {
+        Ok(v1::ContainerState::ContainerCreated) => RunState::Created,
+        Ok(v1::ContainerState::ContainerRunning) => RunState::Running,
+        Ok(v1::ContainerState::ContainerExited) => RunState::Exited,
+        _ => RunState::Unknown,
+    };
+    let meta = status.metadata.clone().unwrap_or_default();
+    ContainerObs {
+        id: status.id.clone(),
+        name: meta.name,
+        attempt: meta.attempt,
+        state,
+        exit_code: status.exit_code,
+        reason: status.reason.clone(),
+        message: status.message.clone(),
+        created_at: status.created_at,
+        started_at: status.started_at,
+        finished_at: status.finished_at,
+        image_ref: status.image_ref.clone(),
+    }
+}
+
+fn default_pull_policy(image: &str) -> &'static str {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') {
+        "IfNotPresent"
+    } else {
+        match last.split_once(':') {
+            None => "Always",
+            Some((_, "latest")) => "Always",
+            Some(_) => "IfNotPresent",
+        }
+    }
+}
+
+fn grace_seconds(pod: &Pod) -> i64 {
+    pod.metadata
+        .deletion_grace_period_seconds
+        .or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.termination_grace_period_seconds)
+        })
+        .unwrap_or(30)
+        .max(0)
+}
+
+fn exec_handler(handler: Option<&LifecycleHandler>) -> Option<Vec<String>> {
+    handler
+        .and_then(|h| h.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .filter(|c| !c.is_empty())
+}
+
+impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
+    pub fn new(deps: Arc<Deps<A, R, N>>, pod: Pod) -> PodWorker<A, R, N> {
+        let key = PodKey::of(&pod);
+        let last_status = pod.status.clone();
+        PodWorker {
+            deps,
+            pod,
+            key,
+            backoff: Backoff::default(),
+            pull_backoff: Backoff::default(),
+            pull_failed_at: HashMap::new(),
+            held: BTreeMap::new(),
+            last_status,
+            readiness: HashMap::new(),
+        }
+    }
+
+    pub fn key(&self) -> &PodKey {
+        &self.key
+    }
+
+    /// Takes in a newer version of the pod from the API.
+    pub fn update(&mut self, pod: Pod) {
+        self.pod = pod;
+    }
+
+    /// What the runtime says about this pod now.
+    pub async fn observe(&self) -> Result<Observed, PodError> {
+        let runtime = &self.deps.runtime;
+        let sandboxes = runtime
+            .list_pod_sandboxes(uid_selector(&self.key.uid))
+            .await?;
+        let Some(newest) = sandboxes
+            .iter()
+            .max_by_key(|s| (s.metadata.as_ref().map_or(0, |m| m.attempt), s.created_at))
+        else {
+            return Ok(Observed::default());
+        };
+        let mut ips = Vec::new();
+        if let Some(st) = runtime.pod_sandbox_status(&newest.id).await?
+            && let Some(net) = &st.status.network
+            && !net.ip.is_empty()
+        {
+            ips.push(net.ip.clone());
+            ips.extend(net.additional_ips.iter().map(|i| i.ip.clone()));
+        }
+        if ips.is_empty() {
+            ips = self.deps.network.ips(&newest.id);
+        }
+        let sandbox = SandboxObs {
+            id: newest.id.clone(),
+            ready: newest.state == v1::PodSandboxState::SandboxReady as i32,
+            attempt: newest.metadata.as_ref().map_or(0, |m| m.attempt),
+            ips,
+        };
+        let mut containers = Vec::new();
+        for c in runtime
+            .list_containers(Some(&newest.id), uid_selector(&self.key.uid))
+            .await?
+        {
+            if let Some(status) = runtime.container_status(&c.id).await? {
+                containers.push(obs_from(&status));
+            }
+        }
+        Ok(Observed {
+            sandbox: Some(sandbox),
+            containers,
+        })
+    }
+
+    fn host_network(&self) -> bool {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+    }
+
+    /// Runs a new sandbox and attaches its network when the runtime did not.
+    async fn create_sandbox(&self, attempt: u32) -> Result<String, PodError> {
+        let ctx = &self.deps.ctx;
+        let config = sandbox_config(&self.pod, attempt, ctx);
+        let log_dir = ctx.log_dir(&self.key);
+        let _ = std::fs::create_dir_all(&log_dir);
+        let id = self.deps.runtime.run_pod_sandbox(config.clone()).await?;
+        info!(sandbox = %id, attempt, "sandbox created");
+        if self.host_network() {
+            return Ok(id);
+        }
+        let status = self.deps.runtime.pod_sandbox_status(&id).await?;
+        let has_ip = status
+            .as_ref()
+            .and_then(|s| s.status.network.as_ref())
+            .is_some_and(|n| !n.ip.is_empty());
+        if has_ip {
+            return Ok(id);
+        }
+        let netns = status
+            .as_ref()
+            .and_then(|s| netns_path(&s.info))
+            .ok_or_else(|| {
+                PodError::Config(format!(
+                    "sandbox {id}: the runtime reports neither a pod IP nor a network namespace path"
+                ))
+            })?;
+        let attachment = Attachment {
+            sandbox_id: id.clone(),
+            netns,
+            namespace: self.key.namespace.clone(),
+            name: self.key.name.clone(),
+            uid: self.key.uid.clone(),
+            port_mappings: config
+                .port_mappings
+                .iter()
+                .map(|p| {
+                    let proto = match v1::Protocol::try_from(p.protocol) {
+                        Ok(v1::Protocol::Udp) => "UDP",
+                        Ok(v1::Protocol::Sctp) => "SCTP",
+                        _ => "TCP",
+                    };
+                    (
+                        p.host_port,
+                        p.container_port,
+                        proto.to_owned(),
+                        p.host_ip.clone(),
+                    )
+                })
+                .collect(),
+        };
+        match self.deps.network.add(&attachment).await {
+            Ok(ips) => {
+                info!(sandbox = %id, ?ips, "network attached");
+                Ok(id)
+            }
+            Err(e) => {
+                // Leave nothing behind: the next sync makes a fresh sandbox.
+                let _ = self.deps.runtime.stop_pod_sandbox(&id).await;
+                let _ = self.deps.runtime.remove_pod_sandbox(&id).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn ensure_image(&mut self, container: &Container) -> Result<(), PodError> {
+        let image = container.image.clone().unwrap_or_default();
+        if image.is_empty() {
+            return Err(PodError::Config(format!(
+                "container {} has no image",
+                container.name
+            )));
+        }
+        let policy = container
+            .image_pull_policy
+            .clone()
+            .unwrap_or_else(|| default_pull_policy(&image).to_owned());
+        let present = self.deps.runtime.image_status(&image).await?.is_some();
+        let pull = match policy.as_str() {
+            "Never" if !present => {
+                return Err(PodError::Image {
+                    image,
+                    message: "ErrImageNeverPull: not present and the pull policy is Never".into(),
+                });
+            }
+            "Never" => false,
+            "Always" => true,
+            _ => !present,
+        };
+        if !pull {
+            return Ok(());
+        }
+        let now = SystemTime::now();
+        if let Some(failed) = self.pull_failed_at.get(&container.name)
+            && let Some(wait) = self.pull_backoff.remaining(&container.name, *failed, now)
+        {
+            return Err(PodError::Image {
+                image,
+                message: format!("ImagePullBackOff: back-off {}s pulling", wait.as_secs()),
+            });
+        }
+        let sandbox = sandbox_config(&self.pod, 0, &self.deps.ctx);
+        match self.deps.runtime.pull_image(&image, sandbox).await {
+            Ok(image_ref) => {
+                info!(container = %container.name, %image, %image_ref, "pulled image");
+                self.pull_failed_at.remove(&container.name);
+                self.pull_backoff.forget(&container.name);
+                Ok(())
+            }
+            Err(e) => {
+                self.pull_failed_at.insert(container.name.clone(), now);
+                self.pull_backoff.restarted(&container.name, now);
+                Err(PodError::Image {
+                    image,
+                    message: format!("ErrImagePull: {e}"),
+                })
+            }
+        }
+    }
+
+    async fn start_container(
+        &mut self,
+        start: &Start,
+        sandbox_id: &str,
+        volumes: &HashMap<String, HostVolume>,
+    ) -> Result<(), PodError> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let list = if start.init {
+            spec.init_containers.unwrap_or_default()
+        } else {
+            spec.containers
+        };
+        let container = list
+            .into_iter()
+            .find(|c| c.name == start.name)
+            .ok_or_else(|| PodError::Config(format!("container {} not in spec", start.name)))?;
+        self.ensure_image(&container).await?;
+        let env = super::env::resolve(self.deps.api.as_ref(), &self.pod, &container).await?;
+        let config = container_config(
+            &self.pod,
+            &container,
+            start.init,
+            start.attempt,
+            env,
+            volumes,
+        );
+        let sandbox = sandbox_config(&self.pod, 0, &self.deps.ctx);
+        let runtime = &self.deps.runtime;
+        let id = runtime
+            .create_container(sandbox_id, config, sandbox)
+            .await?;
+        if let Err(e) = runtime.start_container(&id).await {
+            let _ = runtime.remove_container(&id).await;
+            return Err(e.into());
+        }
+        info!(container = %start.name, id = %id, attempt = start.attempt, "container started");
+        if let Some(cmd) = exec_handler(
+            container
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.post_start.as_ref()),
+        ) {
+            let ok = runtime
+                .exec_sync(&id, cmd, Duration::from_secs(30))
+                .await
+                .is_ok_and(|r| r.exit_code == 0);
+            if !ok {
+                warn!(container = %start.name, "postStart hook failed; killing the container");
+                let _ = runtime.stop_container(&id, 0).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The API's phase says the pod is done (it finished before, perhaps before a restart).
+    fn api_finished(&self) -> bool {
+        matches!(
+            self.pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some(status::phase::SUCCEEDED | status::phase::FAILED)
+        )
+    }
+
+    /// One pass toward the spec; returns when to look again.
+    pub async fn sync(&mut self) -> Result<Duration, PodError> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let obs = self.observe().await?;
+        let now = SystemTime::now();
+        let mut plan = plan(&spec, &obs, &self.backoff, now);
+        if self.api_finished() {
+            plan = super::plan::Plan {
+                finished: true,
+                ..Default::default()
+            };
+        }
+        if let Some(attempt) = plan.create_sandbox {
+            if let Some(old) = &obs.sandbox {
+                info!(sandbox = %old.id, "sandbox is not ready; replacing it");
+                self.remove_sandbox(&old.id, 0).await?;
+            }
+            self.create_sandbox(attempt).await?;
+            return Ok(Duration::ZERO);
+        }
+        let mut acted = false;
+        let has_api_volumes = spec.volumes.iter().flatten().any(|v| {
+            v.config_map.is_some()
+                || v.secret.is_some()
+                || v.projected.is_some()
+                || v.downward_api.is_some()
+        });
+        if !plan.start.is_empty() || (has_api_volumes && !plan.finished) {
+            let pod_dir = self.deps.ctx.pod_dir(&self.key.uid);
+            match volumes::prepare(self.deps.api.as_ref(), &self.pod, &pod_dir).await {
+                Ok(vols) => {
+                    let sandbox_id = obs
+                        .sandbox
+                        .as_ref()
+                        .map(|s| s.id.clone())
+                        .unwrap_or_default();
+                    for start in &plan.start {
+                        match self.start_container(start, &sandbox_id, &vols).await {
+                            Ok(()) => {
+                                self.held.remove(&start.name);
+                                if start.restart {
+                                    self.backoff.restarted(&start.name, now);
+                                }
+                                acted = true;
+                            }
+                            Err(e) => {
+                                warn!(container = %start.name, error = %e, "container not started");
+                                self.held.insert(start.name.clone(), waiting_for(&e));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "volumes not ready");
+                    for start in &plan.start {
+                        self.held.insert(
+                            start.name.clone(),
+                            Waiting {
+                                reason: "ContainerCreating".into(),
+                                message: e.to_string(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let obs = if acted { self.observe().await? } else { obs };
+        let mut waiting = self.held.clone();
+        waiting.extend(plan.waiting.clone());
+        self.report(&obs, &waiting).await?;
+        if plan.finished {
+            if let Some(sb) = obs.sandbox.as_ref().filter(|s| s.ready) {
+                info!(sandbox = %sb.id, "pod finished; stopping its sandbox");
+                self.stop_sandbox(&sb.id, grace_seconds(&self.pod)).await?;
+            }
+            return Ok(IDLE_POLL);
+        }
+        if acted {
+            return Ok(Duration::ZERO);
+        }
+        Ok(plan.requeue_after.map_or(POLL, |r| r.min(POLL)))
+    }
+
+    /// Computes the status and patches it if it changed.
+    async fn report(
+        &mut self,
+        obs: &Observed,
+        waiting: &BTreeMap<String, Waiting>,
+    ) -> Result<(), PodError> {
+        let ctx = &self.deps.ctx;
+        let mut pod = self.pod.clone();
+        pod.status.clone_from(&self.last_status);
+        let status = pod_status(
+            &pod,
+            obs,
+            &StatusContext {
+                host_ips: &ctx.host_ips,
+                runtime_name: &ctx.runtime_name,
+                now: crate::api::now(),
+                waiting,
+                readiness: &self.readiness,
+            },
+        );
+        if !status::differs(self.last_status.as_ref(), &status) {
+            return Ok(());
+        }
+        let body = serde_json::json!({
+            "metadata": {"uid": self.key.uid},
+            "status": status,
+        });
+        let _: Pod = self
+            .deps
+            .api
+            .patch(
+                Some(&self.key.namespace),
+                &self.key.name,
+                Some("status"),
+                &Patch::Merge(body),
+            )
+            .await?;
+        debug!(phase = ?status.phase, "status patched");
+        self.last_status = Some(status);
+        Ok(())
+    }
+
+    async fn stop_sandbox(&self, sandbox_id: &str, grace: i64) -> Result<(), PodError> {
+        stop_sandbox(&self.deps, &self.pod, sandbox_id, grace).await
+    }
+
+    async fn remove_sandbox(&self, sandbox_id: &str, grace: i64) -> Result<(), PodError> {
+        self.stop_sandbox(sandbox_id, grace).await?;
+        remove_sandbox(&self.deps, sandbox_id).await
+    }
+
+    /// Drives the pod until it is gone. `updates` carries the newest pod, `None` once it
+    /// was deleted from the API; when the sender is dropped (agent shutdown) the worker
+    /// stops without touching the pod, so containers outlive the agent.
+    pub async fn run(mut self, mut updates: watch::Receiver<Option<Pod>>) {
+        let span = info_span!("pod", pod = %self.key, uid = %self.key.uid);
+        async move {
+            loop {
+                let current = updates.borrow_and_update().clone();
+                match current {
+                    Some(pod) => self.update(pod),
+                    None => {
+                        info!("pod deleted from the API; tearing down");
+                        let grace = grace_seconds(&self.pod);
+                        self.teardown_until_done(grace, &mut updates).await;
+                        return;
+                    }
+                }
+                if self.pod.metadata.deletion_timestamp.is_some() {
+                    let grace = grace_seconds(&self.pod);
+                    info!(grace, "pod is being deleted; stopping it");
+                    if !self.teardown_until_done(grace, &mut updates).await {
+                        return;
+                    }
+                    let params = DeleteParams {
+                        grace_period_seconds: Some(0),
+                        uid: Some(self.key.uid.clone()),
+                    };
+                    match self
+                        .deps
+                        .api
+                        .delete::<Pod>(Some(&self.key.namespace), &self.key.name, &params)
+                        .await
+                    {
+                        Ok(()) => info!("pod deleted"),
+                        Err(e) if e.is_not_found() || e.is_conflict() => {}
+                        Err(e) => warn!(error = %e, "final delete failed"),
+                    }
+                    return;
+                }
+                let wait = match self.sync().await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(error = %e, "pod sync failed");
+                        POLL
+                    }
+                };
+                tokio::select! {
+                    changed = updates.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Tears down, retrying until done; false if the agent shut down meanwhile.
+    async fn teardown_until_done(
+        &mut self,
+        grace: i64,
+        updates: &mut watch::Receiver<Option<Pod>>,
+    ) -> bool {
+        loop {
+            match teardown(&self.deps, &self.pod, &self.key.uid, grace).await {
+                Ok(()) => return true,
+                Err(e) => warn!(error = %e, "teardown failed; retrying"),
+            }
+            tokio::select! {
+                changed = updates.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                }
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+}
+
+fn waiting_for(e: &PodError) -> Waiting {
+    match e {
+        PodError::Image { message, .. } => {
+            let (reason, rest) = message
+                .split_once(": ")
+                .unwrap_or(("ErrImagePull", message.as_str()));
+            Waiting {
+                reason: reason.to_owned(),
+                message: rest.to_owned(),
+            }
+        }
+        PodError::Config(m) => Waiting {
+            reason: "CreateContainerConfigError".into(),
+            message: m.clone(),
+        },
+        other => Waiting {
+            reason: "CreateContainerError".into(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// The network namespace path from a sandbox's verbose info: `netns` (ferrolet-shim) or
+/// containerd's `info` JSON.
+pub fn netns_path(info: &HashMap<String, String>) -> Option<String> {
+    if let Some(p) = info.get("netns").filter(|p| !p.is_empty()) {
+        return Some(p.clone());
+    }
+    let v: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+    v.get("netNamespacePath")
+        .and_then(serde_json::Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+}
+
+/// Runs preStop hooks and stops the sandbox's running containers (concurrently, each with
+/// `grace` seconds), detaches its network and stops it.
+pub async fn stop_sandbox<A: Api, R: Runtime, N: Network>(
+    deps: &Deps<A, R, N>,
+    pod: &Pod,
+    sandbox_id: &str,
+    grace: i64,
+) -> Result<(), PodError> {
+    let runtime = &deps.runtime;
+    let containers = runtime
+        .list_containers(Some(sandbox_id), HashMap::new())
+        .await?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let stops = containers
+        .iter()
+        .filter(|c| c.state == v1::ContainerState::ContainerRunning as i32)
+        .map(|c| {
+            let name = c
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
+            let pre_stop = spec
+                .containers
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| exec_handler(s.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref())));
+            async move {
+                let started = std::time::Instant::now();
+                if let Some(cmd) = pre_stop {
+                    let limit = Duration::from_secs(u64::try_from(grace).unwrap_or(0).max(1));
+                    match runtime.exec_sync(&c.id, cmd, limit).await {
+                        Ok(r) if r.exit_code == 0 => info!(container = %name, "preStop hook ran"),
+                        Ok(r) => {
+                            warn!(container = %name, exit = r.exit_code, "preStop hook failed");
+                        }
+                        Err(e) => warn!(container = %name, error = %e, "preStop hook failed"),
+                    }
+                }
+                // The hook's time counts against the grace period.
+                let left = grace - i64::try_from(started.elapsed().as_secs()).unwrap_or(grace);
+                let r = runtime.stop_container(&c.id, left.max(0)).await;
+                info!(container = %name, "container stopped");
+                r
+            }
+        });
+    let mut first_error = None;
+    for r in futures::future::join_all(stops).await {
+        if let Err(e) = r
+            && !e.is_not_found()
+        {
+            first_error.get_or_insert(PodError::from(e));
+        }
+    }
+    if let Err(e) = deps.network.del(sandbox_id).await {
+        first_error.get_or_insert(e.into());
+    }
+    if let Err(e) = runtime.stop_pod_sandbox(sandbox_id).await
+        && !e.is_not_found()
+    {
+        first_error.get_or_insert(e.into());
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Removes a stopped sandbox and its containers.
+pub async fn remove_sandbox<A: Api, R: Runtime, N: Network>(
+    deps: &Deps<A, R, N>,
+    sandbox_id: &str,
+) -> Result<(), PodError> {
+    let runtime = &deps.runtime;
+    for c in runtime
+        .list_containers(Some(sandbox_id), HashMap::new())
+        .await?
+    {
+        if let Err(e) = runtime.remove_container(&c.id).await
+            && !e.is_not_found()
+        {
+            return Err(e.into());
+        }
+    }
+    match runtime.remove_pod_sandbox(sandbox_id).await {
+        Err(e) if !e.is_not_found() => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Stops and removes everything of the pod with `uid`: containers (gracefully), network,
+/// sandboxes, volumes and its cgroup parent. Keeps going after errors and reports the first.
+pub async fn teardown<A: Api, R: Runtime, N: Network>(
+    deps: &Deps<A, R, N>,
+    pod: &Pod,
+    uid: &str,
+    grace: i64,
+) -> Result<(), PodError> {
+    let sandboxes = deps.runtime.list_pod_sandboxes(uid_selector(uid)).await?;
+    let mut first_error = None;
+    for sb in &sandboxes {
+        if let Err(e) = stop_sandbox(deps, pod, &sb.id, grace).await {
+            first_error.get_or_insert(e);
+            continue;
+        }
+        if let Err(e) = remove_sandbox(deps, &sb.id).await {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let pod_dir = deps.ctx.pod_dir(uid);
+    if let Err(e) = volumes::cleanup(&pod_dir) {
+        warn!(error = %e, "removing pod volumes");
+    }
+    let _ = std::fs::remove_dir_all(&pod_dir);
+    for (path, e) in remove_pod_cgroup(&deps.cgroupfs, &deps.ctx.cgroup_parent(uid)) {
+        warn!(path = %path.display(), error = %e, "removing pod cgroup");
+    }
+    info!(sandboxes = sandboxes.len(), "pod torn down");
+    Ok(())
+}

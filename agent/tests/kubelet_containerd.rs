@@ -1,0 +1,287 @@
+//! The kubelet's pod workers driving a real containerd 1.6 (private per test) as the CRI
+//! runtime: containerd wires the pod network itself with the reference bridge and
+//! host-local plugins; pods live under a `ferrolet-test-*` cgroup parent. The API server is
+//! stood in for by the in-memory `FakeApi` (the control plane has its own tests); runtime,
+//! images, CNI, cgroups and processes are real. Needs root and containerd; fails otherwise.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ferrolet::api::fake::FakeApi;
+use ferrolet::cni::Cni;
+use ferrolet::cri::{CriRuntime, Runtime};
+use ferrolet::pods::worker::Deps;
+use ferrolet::pods::{PodContext, PodManager};
+use ferrolet_tests::containerd::Containerd;
+use ferrolet_tests::images::{BUSYBOX_IMAGE, PAUSE_IMAGE, busybox_image, pause_image};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// A unique `/ferrolet-test-<pid>-<n>` cgroup parent, removed (children first, in every
+/// hierarchy) on drop.
+struct CgroupParent(String);
+
+impl CgroupParent {
+    fn new() -> CgroupParent {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        CgroupParent(format!("/ferrolet-test-{}-{n}", std::process::id()))
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path().join(self.0.trim_start_matches('/')))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        for d in self.dirs() {
+            remove_tree(&d);
+        }
+    }
+}
+
+/// A host bridge the CNI bridge plugin makes for the test, deleted on drop.
+struct Bridge(String);
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .status();
+    }
+}
+
+fn ctr(containerd: &Containerd, args: &[&str]) {
+    containerd
+        .ctr_ok(args)
+        .unwrap_or_else(|e| panic!("ctr {args:?}: {e:#}"));
+}
+
+/// containerd with our images (the pause image also under containerd's default sandbox
+/// image name, so it never pulls) and a bridge network in its private CNI dir.
+fn setup(dir: &Path) -> (Containerd, Bridge, String, PathBuf) {
+    let containerd = Containerd::start().expect("start a private containerd (needs root)");
+    let pause = pause_image(dir).expect("pause image");
+    let busybox = busybox_image(dir).expect("busybox image");
+    for image in [&pause, &busybox] {
+        ctr(
+            &containerd,
+            &["images", "import", &image.oci_archive.display().to_string()],
+        );
+    }
+    for alias in ["k8s.gcr.io/pause:3.6", "registry.k8s.io/pause:3.6"] {
+        ctr(&containerd, &["images", "tag", PAUSE_IMAGE, alias]);
+    }
+    let n = std::process::id() % 200 + 20;
+    let bridge = Bridge(format!("fl-t{}", std::process::id()));
+    let subnet = format!("10.{n}.7.0/24");
+    let ipam_dir = dir.join("ipam");
+    let conflist = serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": format!("ferrolet-test-{}", std::process::id()),
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge.0,
+            "isGateway": false,
+            "ipMasq": false,
+            "ipam": {"type": "host-local", "subnet": subnet, "dataDir": ipam_dir},
+        }, {"type": "loopback"}]
+    });
+    std::fs::write(
+        containerd.root.join("cni/net.d/10-test.conflist"),
+        conflist.to_string(),
+    )
+    .expect("write conflist");
+    (containerd, bridge, subnet, ipam_dir)
+}
+
+fn pod(name: &str, command: &str, policy: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            uid: Some(format!("{name}-{}", std::process::id())),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some("node-a".into()),
+            restart_policy: Some(policy.into()),
+            termination_grace_period_seconds: Some(2),
+            containers: vec![Container {
+                name: "main".into(),
+                image: Some(BUSYBOX_IMAGE.into()),
+                image_pull_policy: Some("IfNotPresent".into()),
+                command: Some(vec!["sh".into(), "-c".into(), command.into()]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+async fn wait_for<T>(what: &str, secs: u64, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn pods_run_in_containerd_with_a_cni_ip_and_are_torn_down_completely() {
+    let cgroups = CgroupParent::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (containerd, _bridge, subnet, ipam_dir) = setup(dir.path());
+    let prefix = subnet.trim_end_matches("0/24").to_owned();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let runtime = Arc::new(
+            CriRuntime::connect(&containerd.socket)
+                .await
+                .expect("connect CRI"),
+        );
+        let api = Arc::new(FakeApi::new());
+        let root = dir.path().join("agent");
+        let deps = Arc::new(Deps {
+            api: api.clone(),
+            runtime: runtime.clone(),
+            // containerd does its own CNI; the agent's conf dir stays empty.
+            network: Arc::new(Cni {
+                bin_dir: "/usr/lib/cni".into(),
+                conf_dir: dir.path().join("agent-cni-empty"),
+                cache_dir: root.join("cni/results"),
+            }),
+            ctx: PodContext {
+                node_name: "node-a".into(),
+                root_dir: root.clone(),
+                cgroup_root: cgroups.0.clone(),
+                cluster_dns: vec![],
+                cluster_domain: "cluster.local".into(),
+                resolv_conf: "/etc/resolv.conf".into(),
+                host_ips: vec!["127.0.0.1".into()],
+                runtime_name: "containerd".into(),
+            },
+            cgroupfs: "/sys/fs/cgroup".into(),
+        });
+        let manager = PodManager::new(deps);
+
+        let web = pod("web", "echo hello > /tmp/said; exec sleep 3600", "Always");
+        let fails = pod("fails", "exit 3", "Never");
+        for p in [&web, &fails] {
+            api.insert(Some("default"), p);
+            manager.dispatch(p.clone());
+        }
+
+        let status = wait_for("web Running with a pod IP", 120, async || {
+            let s = api.object::<Pod>(Some("default"), "web")?.status?;
+            (s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()).then_some(s)
+        })
+        .await;
+        let ip = status.pod_ip.clone().expect("pod IP");
+        assert!(
+            ip.starts_with(&prefix),
+            "pod IP {ip} from the CNI subnet {subnet}"
+        );
+        let cs = &status.container_statuses.expect("container statuses")[0];
+        assert!(cs.ready);
+        assert!(
+            cs.container_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with("containerd://")),
+            "{cs:?}"
+        );
+
+        // The container really runs the command, in the pod's cgroup parent.
+        let uid = web.metadata.uid.clone().expect("uid");
+        let selector = HashMap::from([("io.kubernetes.pod.uid".to_owned(), uid.clone())]);
+        let containers = runtime
+            .list_containers(None, selector.clone())
+            .await
+            .expect("list containers");
+        assert_eq!(containers.len(), 1, "{containers:?}");
+        let said = runtime
+            .exec_sync(
+                &containers[0].id,
+                vec!["cat".into(), "/tmp/said".into()],
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("exec");
+        assert_eq!(String::from_utf8_lossy(&said.stdout), "hello\n");
+        let pod_cgroup = Path::new("/sys/fs/cgroup/memory")
+            .join(cgroups.0.trim_start_matches('/'))
+            .join(format!("pod{uid}"));
+        assert!(pod_cgroup.is_dir(), "{} exists", pod_cgroup.display());
+
+        // A failing container with restartPolicy Never: Failed with its real exit code.
+        let failed = wait_for("fails Failed", 120, async || {
+            let s = api.object::<Pod>(Some("default"), "fails")?.status?;
+            (s.phase.as_deref() == Some("Failed")).then_some(s)
+        })
+        .await;
+        let term = failed.container_statuses.expect("statuses")[0]
+            .state
+            .clone()
+            .and_then(|s| s.terminated)
+            .expect("terminated");
+        assert_eq!(term.exit_code, 3);
+
+        // Deleted from the API: torn down, IP released, cgroup gone.
+        for p in [&web, &fails] {
+            manager.gone(p.metadata.uid.as_deref().unwrap_or_default());
+        }
+        wait_for("sandboxes removed", 60, async || {
+            let left = runtime
+                .list_pod_sandboxes(HashMap::new())
+                .await
+                .expect("list sandboxes");
+            left.is_empty().then_some(())
+        })
+        .await;
+        wait_for("workers finished", 30, async || {
+            (manager.worker_count() == 0).then_some(())
+        })
+        .await;
+        assert!(!pod_cgroup.exists(), "pod cgroup removed");
+        let leased: Vec<String> = std::fs::read_dir(&ipam_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|net| {
+                std::fs::read_dir(net.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .map(|f| f.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        assert!(leased.is_empty(), "IPs still allocated: {leased:?}");
+        assert!(!root.join("pods").join(&uid).exists(), "pod dir removed");
+    });
+}
