@@ -158,6 +158,15 @@ pub async fn bad_input_is_rejected(store: &dyn Store) {
     assert!(matches!(err, StoreError::InvalidKey { .. }), "{err:?}");
     let err = store.create("/a\0b", val("x")).await.unwrap_err();
     assert!(matches!(err, StoreError::InvalidKey { .. }), "{err:?}");
+    let err = store.create("pods/a", val("x")).await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidKey { .. }), "{err:?}");
+    let err = store
+        .list("pods/", ListOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
+    let err = store.watch("pods/", 1).await.err().expect("bad prefix");
+    assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
     let opts = ListOptions {
         revision: Some(0),
         ..ListOptions::default()

@@ -19,7 +19,7 @@ use etcd_client::{
 
 use super::{
     KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchEvent, WatchStream,
-    check_key, prefix_end,
+    check_key, check_prefix, prefix_end,
 };
 
 /// The root prefix used when none is given, as in Kubernetes.
@@ -92,9 +92,16 @@ impl EtcdStore {
         full
     }
 
+    /// Where the keys under `prefix` start in etcd. All keys start with '/', so "all keys"
+    /// is `<root>/`, which leaves out other keys that merely begin like the root
+    /// (`/registryX`).
+    fn range_start(&self, prefix: &str) -> Vec<u8> {
+        self.full_key(if prefix.is_empty() { "/" } else { prefix })
+    }
+
     fn range_end(&self, prefix: &str) -> Vec<u8> {
-        // The root is non-empty and ends in '/', never in 0xff, so there always is an end.
-        prefix_end(&self.full_key(prefix)).unwrap_or_else(|| vec![0])
+        // The start ends in a UTF-8 byte, never 0xff, so there always is an end.
+        prefix_end(&self.range_start(prefix)).unwrap_or_else(|| vec![0])
     }
 
     fn to_kv(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
@@ -146,7 +153,7 @@ impl EtcdStore {
     /// at revision 1 and read its cancellation.
     async fn compacted_revision(&self) -> Result<Revision, StoreError> {
         let mut client = self.watch.clone();
-        let key = self.full_key("");
+        let key = self.range_start("");
         let options = WatchOptions::new()
             .with_range(self.range_end(""))
             .with_start_revision(1);
@@ -238,6 +245,7 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult, StoreError> {
+        check_prefix(prefix)?;
         let mut options = GetOptions::new().with_range(self.range_end(prefix));
         if let Some(revision) = opts.revision {
             if revision <= 0 {
@@ -257,7 +265,7 @@ impl Store for EtcdStore {
                 start.push(0);
                 start
             }
-            _ => self.full_key(prefix),
+            _ => self.range_start(prefix),
         };
         let response = match self.kv.clone().get(start, Some(options)).await {
             Ok(response) => response,
@@ -365,6 +373,7 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        check_prefix(prefix)?;
         if from < 0 {
             return Err(StoreError::InvalidArgument(format!(
                 "watch revision {from} is negative"
@@ -380,7 +389,7 @@ impl Store for EtcdStore {
             if let Err(e) = self
                 .kv
                 .clone()
-                .get(self.full_key(prefix), Some(probe))
+                .get(self.range_start(prefix), Some(probe))
                 .await
             {
                 return Err(self.revision_error(e, from, "watch").await);
@@ -393,7 +402,7 @@ impl Store for EtcdStore {
         let stream = self
             .watch
             .clone()
-            .watch(self.full_key(prefix), Some(options))
+            .watch(self.range_start(prefix), Some(options))
             .await
             .map_err(etcd("start watch"))?;
         let watcher = EtcdWatcher {

@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use super::watch::{self, Batch, History};
 use super::{
     INITIAL_REVISION, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchEvent,
-    WatchStream, check_key,
+    WatchStream, check_key, check_prefix,
 };
 
 /// One value a key had; `value: None` marks a delete.
@@ -142,6 +142,7 @@ impl Store for MemoryStore {
     }
 
     async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult, StoreError> {
+        check_prefix(prefix)?;
         let state = self.inner.lock();
         let revision = match opts.revision {
             Some(r) if r <= 0 => {
@@ -280,6 +281,7 @@ impl Store for MemoryStore {
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        check_prefix(prefix)?;
         watch::start(self.inner.clone(), &self.inner.live, prefix, from).await
     }
 

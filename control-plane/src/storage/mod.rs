@@ -163,6 +163,7 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
 
     /// The keys starting with `prefix` (all keys for `""`), in key order, one page at a time.
+    /// Keys start with '/', so a prefix is `""` or starts with '/' (`InvalidArgument` else).
     /// Fails with `Compacted` or `FutureRevision` when `opts.revision` is out of range.
     async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult, StoreError>;
 
@@ -242,6 +243,12 @@ pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
             reason: "must not be empty",
         });
     }
+    if !key.starts_with('/') {
+        return Err(StoreError::InvalidKey {
+            key: key.to_owned(),
+            reason: "must start with '/'",
+        });
+    }
     if key.contains('\0') {
         return Err(StoreError::InvalidKey {
             key: key.to_owned(),
@@ -249,6 +256,18 @@ pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+/// Rejects list and watch prefixes that could reach outside the key space: keys start with
+/// '/', so a prefix is empty (all keys) or starts with '/'.
+pub(crate) fn check_prefix(prefix: &str) -> Result<(), StoreError> {
+    if prefix.is_empty() || prefix.starts_with('/') {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidArgument(format!(
+            "prefix {prefix:?} must be empty or start with '/'"
+        )))
+    }
 }
 
 /// The smallest string greater than every string starting with `prefix`, as bytes; `None`
@@ -317,6 +336,15 @@ mod tests {
             check_key("a\0b"),
             Err(StoreError::InvalidKey { .. })
         ));
+        assert!(matches!(
+            check_key("pods/a"),
+            Err(StoreError::InvalidKey { .. })
+        ));
         assert!(check_key("/pods/default/a").is_ok());
+        assert!(check_prefix("").is_ok() && check_prefix("/pods/").is_ok());
+        assert!(matches!(
+            check_prefix("pods/"),
+            Err(StoreError::InvalidArgument(_))
+        ));
     }
 }

@@ -36,7 +36,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::watch::{self, Batch, History};
 use super::{
     INITIAL_REVISION, KeyValue, ListOptions, ListResult, Revision, Store, StoreError, WatchEvent,
-    WatchStream, check_key, prefix_end,
+    WatchStream, check_key, check_prefix, prefix_end,
 };
 
 /// Most writes committed in one transaction.
@@ -823,6 +823,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult, StoreError> {
+        check_prefix(prefix)?;
         if let Some(r) = opts.revision
             && r <= 0
         {
@@ -871,6 +872,7 @@ impl Store for SqliteStore {
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        check_prefix(prefix)?;
         watch::start(self.inner.readers.clone(), &self.inner.live, prefix, from).await
     }
 
