@@ -3,5 +3,7 @@
 
 pub mod api;
 pub mod certs;
+pub mod controllers;
+pub mod scheduler;
 pub mod server;
 pub mod storage;
