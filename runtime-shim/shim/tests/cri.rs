@@ -744,3 +744,181 @@ async fn bad_inputs_get_specific_statuses_and_leave_nothing() {
         "container state left"
     );
 }
+
+/// A private `docker-registry` on a loopback port; killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (Debian package docker-registry)");
+        wait_for(30, "the registry to listen", || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Registry {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn push(&self, archive: &Path, name: &str) {
+        let out = Command::new("skopeo")
+            .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("docker://{}/{name}", self.addr))
+            .output()
+            .expect("skopeo");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_are_pulled_from_a_registry_and_bad_pulls_leave_nothing() {
+    let s = Server::new();
+    let reg = Registry::start();
+    let images_dir = s.tmp.path().join("push");
+    std::fs::create_dir_all(&images_dir).unwrap();
+    let busybox = ferrolet_tests::images::busybox_image(&images_dir).unwrap();
+    reg.push(&busybox.oci_archive, "test/busybox:1");
+    let (mut rt, mut img) = s.clients().await;
+    let count = |imgs: &Vec<v1::Image>| imgs.len();
+    let before = img
+        .list_images(v1::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+
+    let name = format!("{}/test/busybox:1", reg.addr);
+    let pulled = img
+        .pull_image(v1::PullImageRequest {
+            image: Some(v1::ImageSpec {
+                image: name.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    assert_eq!(pulled, busybox.config_digest);
+    let st = img
+        .image_status(v1::ImageStatusRequest {
+            image: Some(v1::ImageSpec {
+                image: name.clone(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .expect("pulled image is listed");
+    assert!(st.repo_tags.contains(&name), "{st:?}");
+    assert!(
+        st.repo_digests.contains(&format!(
+            "{}/test/busybox@{}",
+            reg.addr, busybox.manifest_digest
+        )),
+        "{st:?}"
+    );
+
+    // The pulled image runs.
+    let pod = run_sandbox(&mut rt, sandbox_config(&s, "pulled")).await;
+    let mut cfg = container_config(&s, "p", &["sh", "-c", "echo pulled"]);
+    cfg.image = Some(v1::ImageSpec {
+        image: name.clone(),
+        ..Default::default()
+    });
+    let c = create(&mut rt, &pod, cfg).await.unwrap();
+    rt.start_container(v1::StartContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .unwrap();
+    let st = wait_state(&mut rt, &c, v1::ContainerState::ContainerExited).await;
+    assert_eq!(st.exit_code, 0);
+    assert_eq!(log_lines(&st.log_path), vec!["pulled"]);
+    rt.remove_pod_sandbox(v1::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+
+    let missing = img
+        .pull_image(v1::PullImageRequest {
+            image: Some(v1::ImageSpec {
+                image: format!("{}/test/busybox:nope", reg.addr),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing}");
+    let wrong_digest = img
+        .pull_image(v1::PullImageRequest {
+            image: Some(v1::ImageSpec {
+                image: format!("{}/test/busybox@sha256:{}", reg.addr, "0".repeat(64)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(wrong_digest.code(), Code::NotFound | Code::InvalidArgument),
+        "{wrong_digest}"
+    );
+    let after = img
+        .list_images(v1::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert_eq!(count(&after), count(&before) + 1);
+    let tmp = s.root().join("images/tmp");
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        "partial pull left in {tmp:?}"
+    );
+}

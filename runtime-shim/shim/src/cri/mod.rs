@@ -119,7 +119,8 @@ pub fn new_id() -> String {
 pub struct Shim {
     cfg: ShimConfig,
     runtime: Runtime,
-    pub images: ImageStore,
+    pub images: Arc<ImageStore>,
+    pub pulls: crate::image::pull::PullLocks,
     sandboxes: Mutex<HashMap<String, SandboxRecord>>,
     containers: Mutex<HashMap<String, ContainerRecord>>,
     events: tokio::sync::broadcast::Sender<v1::ContainerEventResponse>,
@@ -151,7 +152,7 @@ impl Shim {
     /// Opens the state under `cfg.root` and recovers sandboxes and containers from it.
     pub fn open(cfg: ShimConfig) -> Result<Arc<Shim>, CriError> {
         let runtime = Runtime::new(&cfg.root, &cfg.exe, cfg.cgroups.clone())?;
-        let images = ImageStore::open(cfg.root.join("images"))?;
+        let images = Arc::new(ImageStore::open(cfg.root.join("images"))?);
         let sandboxes: HashMap<String, SandboxRecord> =
             records::load_all::<SandboxRecord>(&cfg.root.join("cri/sandboxes"))
                 .into_iter()
@@ -167,6 +168,7 @@ impl Shim {
             cfg,
             runtime,
             images,
+            pulls: crate::image::pull::PullLocks::default(),
             sandboxes: Mutex::new(sandboxes),
             containers: Mutex::new(containers),
             events,

@@ -397,17 +397,38 @@ impl ImageService for CriService {
         &self,
         req: Request<v1::PullImageRequest>,
     ) -> Result<v1::PullImageResponse> {
-        let image = req.into_inner().image.map(|i| i.image).unwrap_or_default();
+        let r = req.into_inner();
+        let image = r.image.map(|i| i.image).unwrap_or_default();
         let image = str_req(&image, "image.image")?;
-        let shim = self.shim.clone();
-        let img = image.clone();
-        let found = blocking(move || Ok(shim.images.resolve(&img))).await?;
-        match found {
-            Some(rec) => Ok(Response::new(v1::PullImageResponse { image_ref: rec.id })),
-            None => Err(Status::unimplemented(format!(
-                "image {image:?} is not in the store and pulling from registries is not implemented yet; import it with `ferrolet-shim images import`"
-            ))),
-        }
+        let creds = r
+            .auth
+            .map(|a| {
+                let (mut username, mut password) = (a.username, a.password);
+                if username.is_empty()
+                    && let Some((u, p)) = decode_basic(&a.auth)
+                {
+                    username = u;
+                    password = p;
+                }
+                let token = if a.registry_token.is_empty() {
+                    a.identity_token
+                } else {
+                    a.registry_token
+                };
+                crate::image::pull::Credentials {
+                    username,
+                    password,
+                    token,
+                }
+            })
+            .unwrap_or_default();
+        let rec = self
+            .shim
+            .images
+            .pull(&self.shim.pulls, &image, creds)
+            .await
+            .map_err(pull_status)?;
+        Ok(Response::new(v1::PullImageResponse { image_ref: rec.id }))
     }
 
     async fn remove_image(
@@ -453,6 +474,40 @@ impl ImageService for CriService {
             container_filesystems: vec![usage],
         }))
     }
+}
+
+fn pull_status(e: crate::image::pull::PullError) -> Status {
+    use crate::image::pull::PullError as E;
+    let msg = e.to_string();
+    match e {
+        E::Status { status: 404, .. } => Status::not_found(msg),
+        E::Status {
+            status: 401 | 403, ..
+        } => Status::permission_denied(msg),
+        E::Http { .. } | E::Status { .. } => Status::unavailable(msg),
+        E::Io { .. } => Status::internal(msg),
+        _ => Status::invalid_argument(msg),
+    }
+}
+
+/// The `auth` field of an AuthConfig: base64 of `user:password`.
+fn decode_basic(auth: &str) -> Option<(String, String)> {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in auth.trim().bytes().filter(|c| *c != b'=') {
+        let v = u32::try_from(T.iter().position(|t| *t == c)?).ok()?;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push(u8::try_from((bits >> n) & 0xff).ok()?);
+        }
+    }
+    let s = String::from_utf8(out).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
 }
 
 fn to_cri_image(rec: &crate::image::ImageRecord) -> v1::Image {
@@ -569,4 +624,16 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn basic_auth_field_decodes() {
+        assert_eq!(
+            super::decode_basic("dXNlcjpwYXNz"),
+            Some(("user".to_string(), "pass".to_string()))
+        );
+        assert_eq!(super::decode_basic("!!"), None);
+    }
 }

@@ -7,6 +7,7 @@
 //! (corrupt layer, digest mismatch) leaves no partial image behind.
 
 pub mod pause;
+pub mod pull;
 pub mod unpack;
 
 use std::collections::BTreeMap;
