@@ -2,7 +2,9 @@
 //!
 //! The crate is organised by concern: `container` turns an OCI runtime spec into a running
 //! process (through `namespaces`, `mounts` and `cgroups`), `monitor` is the small process
-//! that parents each container, keeps its logs (`logs`) and records its exit.
+//! that parents each container, keeps its logs (`logs`) and records its exit, `exec` runs
+//! extra processes in a container, `image` stores, imports and pulls images, and `cri`
+//! serves all of it as CRI `runtime.v1` on a unix socket.
 
 pub mod cgroups;
 pub mod container;
