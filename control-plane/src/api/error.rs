@@ -116,6 +116,15 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     Timeout(String),
+    /// A peer the request needs (a node's agent) answered badly.
+    #[error("{0}")]
+    BadGateway(String),
+    /// A peer the request needs (a node's agent) cannot be reached.
+    #[error("{0}")]
+    ServiceUnavailable(String),
+    /// A node's agent refused the request: its status code and message, passed on.
+    #[error("{message}")]
+    Upstream { code: u16, message: String },
 }
 
 fn render_causes(causes: &[FieldError]) -> String {
@@ -143,6 +152,9 @@ impl ApiError {
             ApiError::Invalid { .. } => 422,
             ApiError::Internal(_) => 500,
             ApiError::Timeout(_) => 504,
+            ApiError::BadGateway(_) => 502,
+            ApiError::ServiceUnavailable(_) => 503,
+            ApiError::Upstream { code, .. } => *code,
         }
     }
 
@@ -162,6 +174,17 @@ impl ApiError {
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Internal(_) => "InternalError",
             ApiError::Timeout(_) => "Timeout",
+            ApiError::BadGateway(_) => "InternalError",
+            ApiError::ServiceUnavailable(_) => "ServiceUnavailable",
+            ApiError::Upstream { code, .. } => match code {
+                400 => "BadRequest",
+                401 => "Unauthorized",
+                403 => "Forbidden",
+                404 => "NotFound",
+                503 => "ServiceUnavailable",
+                504 => "Timeout",
+                _ => "InternalError",
+            },
         }
     }
 

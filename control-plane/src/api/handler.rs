@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::allocator::{AllocError, Allocator};
 use super::decode::{self, FieldValidation};
 use super::error::{ApiError, FieldError};
+use super::logs::{self, LogOptions, LogStream, NodeLogs};
 use super::object::{self, metadata_mut};
 use super::openapi;
 use super::patch::{self, PatchType};
@@ -59,6 +60,8 @@ pub struct Api {
     store: Arc<dyn Store>,
     cache: Arc<WatchCache>,
     alloc: Allocator,
+    /// Reaches nodes' agents for `pods/log`; without it log requests answer 503.
+    node_logs: Option<Arc<dyn NodeLogs>>,
 }
 
 /// Prefix every API object is stored under; the watch cache follows all of it.
@@ -330,7 +333,45 @@ impl Api {
             store,
             cache,
             alloc,
+            node_logs: None,
         }
+    }
+
+    /// Serves `pods/log` by fetching logs from nodes' agents through `node_logs`.
+    pub fn with_node_logs(mut self, node_logs: Arc<dyn NodeLogs>) -> Self {
+        self.node_logs = Some(node_logs);
+        self
+    }
+
+    /// `GET pods/{name}/log`: finds the pod's node and container and streams the log from
+    /// the node's agent. Served apart from [`Api::handle`] because its answer is a byte
+    /// stream, not JSON.
+    pub async fn pod_logs(&self, req: &ResourceRequest) -> Result<LogStream, ApiError> {
+        let r = req.route.resource;
+        let (ns, name) = (self.namespace(req).unwrap_or("default"), self.name(req));
+        if r.kind != Kind::Pod || name.is_empty() {
+            return Err(ApiError::NoRoute);
+        }
+        let opts = LogOptions::parse(&req.query, name)?;
+        let pod = render(r, &self.read(r, Some(ns), name).await?)?;
+        let node_name = pod["spec"]["nodeName"].as_str().unwrap_or("");
+        if node_name.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "pod {name} does not have a host assigned"
+            )));
+        }
+        let container = logs::container_for(&pod, name, opts.container.as_deref())?;
+        let nodes = registry::by_kind(Kind::Node);
+        let node = render(nodes, &self.read(nodes, None, node_name).await?)?;
+        let (host, port) = logs::kubelet_endpoint(&node, node_name)?;
+        let client = self.node_logs.as_ref().ok_or_else(|| {
+            ApiError::ServiceUnavailable(
+                "this API server has no client for nodes' agents, so it cannot serve logs".into(),
+            )
+        })?;
+        let path = opts.kubelet_path(ns, name, &container);
+        tracing::debug!(pod = name, namespace = ns, node = node_name, %host, port, %path, "proxying pod log");
+        client.get(node_name, &host, port, &path).await
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -371,8 +412,7 @@ impl Api {
         match (&req.verb, sub) {
             (Verb::Get, Some("scale")) => self.get_scale(&req).await.map(ok),
             (Verb::Get, Some("log")) => Err(ApiError::BadRequest(
-                "pod logs are served by the node's agent; proxying them is not available yet"
-                    .into(),
+                "pod logs are a byte stream: request them over HTTP (Api::pod_logs)".into(),
             )),
             (Verb::Get, _) => self.get(&req).await.map(ok),
             (Verb::List, _) => self.list(&req).await.map(ok),

@@ -5,6 +5,7 @@ pub mod decode;
 pub mod discovery;
 pub mod error;
 pub mod handler;
+pub mod logs;
 pub mod object;
 pub mod openapi;
 pub mod patch;

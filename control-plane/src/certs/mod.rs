@@ -53,6 +53,9 @@ pub struct CertPaths {
     pub serving_key: PathBuf,
     pub admin_cert: PathBuf,
     pub admin_key: PathBuf,
+    /// The API server's own client identity towards nodes' agents (pod logs).
+    pub kubelet_client_cert: PathBuf,
+    pub kubelet_client_key: PathBuf,
     pub kubeconfig: PathBuf,
 }
 
@@ -66,6 +69,8 @@ impl CertPaths {
             serving_key: pki.join("apiserver.key"),
             admin_cert: pki.join("admin.crt"),
             admin_key: pki.join("admin.key"),
+            kubelet_client_cert: pki.join("apiserver-kubelet-client.crt"),
+            kubelet_client_key: pki.join("apiserver-kubelet-client.key"),
             kubeconfig: data_dir.join("admin.kubeconfig"),
         }
     }
@@ -165,6 +170,7 @@ pub fn ensure(data_dir: &Path, sans: &[String]) -> Result<CertPaths, CertError> 
         // A new CA invalidates every certificate it did not sign.
         let _ = fs::remove_file(&paths.serving_cert);
         let _ = fs::remove_file(&paths.admin_cert);
+        let _ = fs::remove_file(&paths.kubelet_client_cert);
         key
     };
     let issuer = Issuer::new(ca_params()?, ca_key);
@@ -201,6 +207,22 @@ pub fn ensure(data_dir: &Path, sans: &[String]) -> Result<CertPaths, CertError> 
         let cert = params.signed_by(&key, &issuer).map_err(gen_err("admin"))?;
         write(&paths.admin_key, &key.serialize_pem(), true)?;
         write(&paths.admin_cert, &cert.pem(), false)?;
+    }
+
+    if !paths.kubelet_client_cert.exists() || !paths.kubelet_client_key.exists() {
+        let key = KeyPair::generate().map_err(gen_err("kubelet client key"))?;
+        let params = leaf_params(
+            "kubelet client",
+            Vec::new(),
+            "kube-apiserver-kubelet-client",
+            Some("system:masters"),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(gen_err("kubelet client"))?;
+        write(&paths.kubelet_client_key, &key.serialize_pem(), true)?;
+        write(&paths.kubelet_client_cert, &cert.pem(), false)?;
     }
     Ok(paths)
 }

@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::api::allocator::Allocator;
 use crate::api::decode::MAX_BODY;
 use crate::api::handler::REGISTRY_PREFIX;
+use crate::api::logs::KubeletClient;
 use crate::api::request::{self, Route};
 use crate::api::table::IncludeObject;
 use crate::api::watchcache::WatchCache;
@@ -201,7 +202,11 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> Result<(), ServerErro
         store,
         cache,
         Allocator::new(config.service_cluster_ip_range),
-    );
+    )
+    .with_node_logs(Arc::new(KubeletClient::new(
+        &paths.kubelet_client_cert,
+        &paths.kubelet_client_key,
+    )?));
     api.bootstrap().await?;
 
     let server_ip = match local.ip() {
@@ -265,6 +270,19 @@ fn json_response(code: u16, body: &Value, warnings: &[String]) -> Response<Body>
             resp.headers_mut().append(header::WARNING, v);
         }
     }
+    resp
+}
+
+/// Streams each chunk to the client as it arrives (watch events, followed logs).
+fn stream_response(rx: tokio::sync::mpsc::Receiver<Bytes>, content_type: &str) -> Response<Body> {
+    let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let content_type = HeaderValue::from_str(content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
 
@@ -362,24 +380,21 @@ async fn respond(shared: &Shared, req: Request<Incoming>, has_cert: bool) -> Res
                 table,
                 body,
             };
+            if request.verb == request::Verb::Get
+                && request.route.subresource.as_deref() == Some("log")
+            {
+                return match shared.api.pod_logs(&request).await {
+                    Ok(log) => stream_response(log.body, &log.content_type),
+                    Err(e) => error_response(&e),
+                };
+            }
             match shared.api.handle(request).await {
                 Ok(Reply::Json {
                     code,
                     body,
                     warnings,
                 }) => json_response(code, &body, &warnings),
-                Ok(Reply::Watch(rx)) => {
-                    let stream =
-                        ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
-                    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-                    resp.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                    resp.headers_mut()
-                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-                    resp
-                }
+                Ok(Reply::Watch(rx)) => stream_response(rx, "application/json"),
                 Err(e) => error_response(&e),
             }
         }
