@@ -189,6 +189,34 @@ fn default_template(spec: &mut Value) {
     }
 }
 
+/// A Secret's write-only `stringData` goes into `data`, base64-encoded, winning over a key
+/// of the same name, as upstream does on every write; `stringData` is never stored.
+fn merge_string_data(secret: &mut Map<String, Value>) {
+    let all_strings = secret
+        .get("stringData")
+        .and_then(Value::as_object)
+        .is_some_and(|m| m.values().all(Value::is_string));
+    let data_ok = secret
+        .get("data")
+        .is_none_or(|d| d.is_null() || d.is_object());
+    if !all_strings || !data_ok {
+        return;
+    }
+    let Some(Value::Object(strings)) = secret.remove("stringData") else {
+        return;
+    };
+    let data = secret.entry("data").or_insert_with(|| json!({}));
+    if data.is_null() {
+        *data = json!({});
+    }
+    if let Some(data) = data.as_object_mut() {
+        for (key, value) in strings {
+            let text = value.as_str().unwrap_or_default();
+            data.insert(key, json!(crate::certs::base64(text.as_bytes())));
+        }
+    }
+}
+
 /// Fills the fields upstream defaults; runs before validation on create and update.
 pub fn default(kind: Kind, obj: &mut Value) {
     match kind {
@@ -251,6 +279,7 @@ pub fn default(kind: Kind, obj: &mut Value) {
         Kind::Secret => {
             if let Some(map) = obj.as_object_mut() {
                 set_default(map, "type", json!("Opaque"));
+                merge_string_data(map);
             }
         }
         Kind::Deployment => {
@@ -754,6 +783,22 @@ pub fn validate_update(kind: Kind, old: &Value, new: &Value) -> Vec<FieldError> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn secret_string_data_is_stored_as_base64_data() {
+        let mut secret = serde_json::json!({
+            "metadata": {"name": "s"},
+            "data": {"a": "b2xk", "keep": "eA=="},
+            "stringData": {"a": "new", "plain": "hello"},
+        });
+        super::default(super::Kind::Secret, &mut secret);
+        assert!(secret.get("stringData").is_none(), "{secret}");
+        assert_eq!(
+            secret["data"],
+            serde_json::json!({"a": "bmV3", "keep": "eA==", "plain": "aGVsbG8="})
+        );
+        assert_eq!(secret["type"], "Opaque");
+    }
+
     use super::*;
 
     fn pod(spec: Value) -> Value {
