@@ -4,6 +4,7 @@
 //! resourceVersion read, so two candidates racing for an expired lease cannot both win.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,27 @@ impl LeaderConfig {
             renew_every: Duration::from_secs(2),
         }
     }
+}
+
+/// This process's candidate identity (`<hostname>_<uuid>`), kept in `<data-dir>/leader-identity`
+/// so that a control plane restarted on the same data dir takes its own unexpired Lease back
+/// at once instead of waiting for it to run out. Other data dirs, other identities.
+pub fn persistent_identity(data_dir: &Path) -> Result<String, std::io::Error> {
+    let path = data_dir.join("leader-identity");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let id = format!("{host}_{}", uuid::Uuid::new_v4());
+    let tmp = data_dir.join("leader-identity.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
 }
 
 /// What to write, given the lease as read.
@@ -201,6 +223,16 @@ mod tests {
         let spec = taken.spec.unwrap();
         assert_eq!(spec.holder_identity.as_deref(), Some("b"));
         assert_eq!(spec.lease_transitions, Some(1));
+    }
+
+    #[test]
+    fn the_identity_survives_a_restart_and_differs_per_data_dir() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = persistent_identity(a.path()).unwrap();
+        assert_eq!(persistent_identity(a.path()).unwrap(), first);
+        assert_ne!(persistent_identity(b.path()).unwrap(), first);
+        let missing = a.path().join("no-such-dir");
+        assert!(persistent_identity(&missing).is_err());
     }
 
     #[tokio::test]

@@ -63,7 +63,7 @@ fn map_err(e: ApiError, rt: ResourceType, name: &str) -> ClientError {
     }
 }
 
-fn status_error(code: u16, body: &Value, rt: ResourceType, name: &str) -> ClientError {
+pub(crate) fn status_error(code: u16, body: &Value, rt: ResourceType, name: &str) -> ClientError {
     let message = body
         .get("message")
         .and_then(Value::as_str)

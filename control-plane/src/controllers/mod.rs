@@ -9,8 +9,10 @@ pub mod endpoints;
 pub mod events;
 pub mod fake;
 pub mod gc;
+pub mod http;
 pub mod leader;
 pub mod local;
+pub mod manager;
 pub mod namespace;
 pub mod nodeipam;
 pub mod nodelifecycle;
@@ -72,6 +74,7 @@ pub struct ManagerConfig {
     pub lifecycle: nodelifecycle::LifecycleConfig,
     pub gc_interval: Duration,
     pub workers: usize,
+    pub enabled: manager::EnabledControllers,
 }
 
 impl Default for ManagerConfig {
@@ -82,6 +85,23 @@ impl Default for ManagerConfig {
             lifecycle: nodelifecycle::LifecycleConfig::default(),
             gc_interval: Duration::from_secs(5),
             workers: 2,
+            enabled: manager::EnabledControllers::all(),
+        }
+    }
+}
+
+impl ManagerConfig {
+    /// Checks what would otherwise fail only once the controllers start.
+    pub fn validate(&self) -> Result<(), ManagerError> {
+        self.node_ipam().map(|_| ())
+    }
+
+    fn node_ipam(&self) -> Result<Option<nodeipam::CidrAllocator>, ManagerError> {
+        match &self.cluster_cidr {
+            Some(cidr) if self.enabled.is_enabled("nodeipam") => Ok(Some(
+                nodeipam::CidrAllocator::new(cidr, self.node_cidr_mask_size)?,
+            )),
+            _ => Ok(None),
         }
     }
 }
@@ -90,6 +110,8 @@ impl Default for ManagerConfig {
 pub enum ManagerError {
     #[error("node IPAM: {0}")]
     Ipam(#[from] nodeipam::IpamError),
+    #[error("{identity} lost leadership")]
+    LostLeadership { identity: String },
 }
 
 /// Starts every controller on `client` and runs until one of them ends (they run forever, so
@@ -99,29 +121,37 @@ pub async fn run_all(
     config: ManagerConfig,
 ) -> Result<(), ManagerError> {
     use std::sync::Arc;
-    let ipam = match &config.cluster_cidr {
-        Some(cidr) => Some(nodeipam::CidrAllocator::new(
-            cidr,
-            config.node_cidr_mask_size,
-        )?),
-        None => None,
-    };
+    let ipam = config.node_ipam()?;
+    let on = |name| config.enabled.is_enabled(name);
     let w = config.workers;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(replicaset::ReplicaSetController::new(Arc::clone(&client)).run(w));
-    tasks.spawn(deployment::DeploymentController::new(Arc::clone(&client)).run(w));
-    tasks.spawn(endpoints::EndpointsController::new(Arc::clone(&client)).run(w));
-    tasks.spawn(namespace::NamespaceController::new(Arc::clone(&client)).run(w));
-    tasks.spawn(
-        Arc::new(nodelifecycle::NodeLifecycleController::new(
-            Arc::clone(&client),
-            config.lifecycle,
-        ))
-        .run(),
-    );
-    tasks.spawn(
-        gc::GarbageCollector::new(Arc::clone(&client), gc::default_types()).run(config.gc_interval),
-    );
+    if on("replicaset") {
+        tasks.spawn(replicaset::ReplicaSetController::new(Arc::clone(&client)).run(w));
+    }
+    if on("deployment") {
+        tasks.spawn(deployment::DeploymentController::new(Arc::clone(&client)).run(w));
+    }
+    if on("endpoint") {
+        tasks.spawn(endpoints::EndpointsController::new(Arc::clone(&client)).run(w));
+    }
+    if on("namespace") {
+        tasks.spawn(namespace::NamespaceController::new(Arc::clone(&client)).run(w));
+    }
+    if on("nodelifecycle") {
+        tasks.spawn(
+            Arc::new(nodelifecycle::NodeLifecycleController::new(
+                Arc::clone(&client),
+                config.lifecycle,
+            ))
+            .run(),
+        );
+    }
+    if on("garbagecollector") {
+        tasks.spawn(
+            gc::GarbageCollector::new(Arc::clone(&client), gc::default_types())
+                .run(config.gc_interval),
+        );
+    }
     if let Some(alloc) = ipam {
         tasks.spawn(
             Arc::new(nodeipam::NodeIpamController::new(
@@ -130,6 +160,9 @@ pub async fn run_all(
             ))
             .run(),
         );
+    }
+    if tasks.is_empty() {
+        std::future::pending::<()>().await;
     }
     tasks.join_next().await;
     Ok(())

@@ -157,12 +157,41 @@ fn tls_config(paths: &certs::CertPaths) -> Result<rustls::ServerConfig, ServerEr
 }
 
 struct Shared {
-    api: Api,
+    api: Arc<Api>,
     tokens: HashMap<String, TokenUser>,
 }
 
 /// Binds, prepares certificates and the kubeconfig, and serves until the process ends.
 pub async fn run(config: Config, store: Arc<dyn Store>) -> Result<(), ServerError> {
+    prepare(config, store).await?.serve().await
+}
+
+/// A bound listener with its certificates, tokens and [`Api`], ready to serve; the
+/// in-process scheduler and controllers take the [`Api`] from here.
+pub struct Prepared {
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    shared: Arc<Shared>,
+}
+
+impl Prepared {
+    pub fn api(&self) -> Arc<Api> {
+        Arc::clone(&self.shared.api)
+    }
+
+    /// Serves until the process ends.
+    pub async fn serve(self) -> Result<(), ServerError> {
+        let Prepared {
+            listener,
+            tls,
+            shared,
+        } = self;
+        serve(listener, tls, shared).await
+    }
+}
+
+/// Binds, prepares certificates, the kubeconfig and the [`Api`] without serving yet.
+pub async fn prepare(config: Config, store: Arc<dyn Store>) -> Result<Prepared, ServerError> {
     let listener =
         TcpListener::bind(config.listen)
             .await
@@ -217,7 +246,22 @@ pub async fn run(config: Config, store: Arc<dyn Store>) -> Result<(), ServerErro
     certs::write_kubeconfig(&paths, &url)?;
     tracing::info!(%url, kubeconfig = %paths.kubeconfig.display(), "API server listening");
 
-    let shared = Arc::new(Shared { api, tokens });
+    let shared = Arc::new(Shared {
+        api: Arc::new(api),
+        tokens,
+    });
+    Ok(Prepared {
+        listener,
+        tls,
+        shared,
+    })
+}
+
+async fn serve(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    shared: Arc<Shared>,
+) -> Result<(), ServerError> {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -385,6 +429,19 @@ async fn respond(shared: &Shared, req: Request<Incoming>, has_cert: bool) -> Res
             {
                 return match shared.api.pod_logs(&request).await {
                     Ok(log) => stream_response(log.body, &log.content_type),
+                    Err(e) => error_response(&e),
+                };
+            }
+            if let Some(list) = shared.api.list_json(&request).await {
+                return match list {
+                    Ok(body) => {
+                        let mut resp = Response::new(full(body));
+                        resp.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        );
+                        resp
+                    }
                     Err(e) => error_response(&e),
                 };
             }
