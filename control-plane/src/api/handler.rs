@@ -22,7 +22,7 @@ use super::request::{ResourceRoute, Verb};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::table::{self, IncludeObject};
 use super::validation;
-use super::watchcache::WatchCache;
+use super::watchcache::{CacheEvent, WatchCache};
 use crate::storage::{KeyValue, ListOptions, Revision, Store, StoreError, WatchEvent};
 
 /// A request for a resource path, already routed.
@@ -97,6 +97,17 @@ fn render(r: &Resource, kv: &KeyValue) -> Result<Value, ApiError> {
     }
     Ok(obj)
 }
+
+/// [`render`], encoded: what the watch cache keeps once per object version.
+fn render_bytes(r: &Resource, kv: &KeyValue) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(&render(r, kv)?)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(format!("encoding object {}: {e}", kv.key)))
+}
+
+/// How long a list waits for the watch cache to catch up with the store before reading the
+/// store itself (only writes from outside this API server can keep it behind that long).
+const CACHE_CATCH_UP: Duration = Duration::from_millis(50);
 
 fn set_rv(obj: &mut Value, rev: Revision) {
     metadata_mut(obj).insert("resourceVersion".into(), json!(rev.to_string()));
@@ -309,6 +320,11 @@ impl ListQuery {
         })
     }
 
+    /// Whether every object matches (no label or field selector).
+    fn is_everything(&self) -> bool {
+        self.labels.0.is_empty() && self.fields.0.is_empty()
+    }
+
     fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(&object::labels(obj))
             && self.fields.matches(|f| object::field_string(obj, f))
@@ -468,6 +484,63 @@ impl Api {
             ),
             None => obj,
         })
+    }
+
+    /// A whole, unfiltered list (no selector, limit, continue or Table) as the encoded
+    /// response, served from the watch cache's shared per-object JSON without decoding or
+    /// re-encoding any object. `None` when the request needs the general path. Consistent
+    /// as a store read: unless the client asked for `resourceVersion=0` (any recent state),
+    /// the cache first catches up with the store's current revision.
+    pub async fn list_json(&self, req: &ResourceRequest) -> Option<Result<Bytes, ApiError>> {
+        let r = req.route.resource;
+        if req.verb != Verb::List || req.route.subresource.is_some() || req.table.is_some() {
+            return None;
+        }
+        let q = ListQuery::parse(r.kind, &req.query).ok()?;
+        if !q.is_everything() || q.limit.is_some() || q.continue_from.is_some() {
+            return None;
+        }
+        if req.query.contains_key("resourceVersionMatch") {
+            return None;
+        }
+        match req.query.get("resourceVersion").map(String::as_str) {
+            Some("0") => {}
+            None | Some("") => {
+                let current = match self.store.current_revision().await {
+                    Ok(rev) => rev,
+                    Err(e) => return Some(Err(ApiError::from_store(e, &r.qualified(), ""))),
+                };
+                if !self.cache.wait_for(current, CACHE_CATCH_UP).await {
+                    tracing::debug!(current, "watch cache behind the store; listing the store");
+                    return None;
+                }
+            }
+            Some(_) => return None,
+        }
+        let (revision, objects) = self.cache.list(&r.namespace_prefix(self.namespace(req)))?;
+        let mut items = Vec::with_capacity(objects.len());
+        for object in &objects {
+            match object.json(|kv| render_bytes(r, kv)) {
+                Ok(json) => items.push(json),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        let head = format!(
+            r#"{{"kind":{},"apiVersion":{},"metadata":{{"resourceVersion":"{revision}"}},"items":["#,
+            Value::String(r.list_kind()),
+            Value::String(r.api_version()),
+        );
+        let size = head.len() + items.iter().map(|i| i.len() + 1).sum::<usize>() + 2;
+        let mut body = Vec::with_capacity(size);
+        body.extend_from_slice(head.as_bytes());
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item);
+        }
+        body.extend_from_slice(b"]}");
+        Some(Ok(Bytes::from(body)))
     }
 
     async fn list(&self, req: &ResourceRequest) -> Result<Value, ApiError> {
@@ -1743,12 +1816,29 @@ impl Watcher {
         self.raw(kind, object).await
     }
 
-    async fn event(&mut self, event: &WatchEvent) -> bool {
+    async fn event(&mut self, cached: &CacheEvent) -> bool {
+        let event = &cached.event;
         let rev = event.revision();
         if rev <= self.last || !event.key().starts_with(&self.prefix) {
             return true;
         }
         self.last = rev;
+        // Unfiltered, not a Table: the object's shared JSON goes out as it is.
+        if let (WatchEvent::Put { prev, .. }, Some(object), None, true) =
+            (event, &cached.object, self.table, self.q.is_everything())
+        {
+            let Ok(json) = object.json(|kv| render_bytes(self.r, kv)) else {
+                return true;
+            };
+            let kind = if prev.is_some() { "MODIFIED" } else { "ADDED" };
+            let mut line = Vec::with_capacity(json.len() + 32);
+            line.extend_from_slice(br#"{"type":""#);
+            line.extend_from_slice(kind.as_bytes());
+            line.extend_from_slice(br#"","object":"#);
+            line.extend_from_slice(&json);
+            line.extend_from_slice(b"}\n");
+            return self.tx.send(Bytes::from(line)).await.is_ok();
+        }
         let decode = |kv: &KeyValue| render(self.r, kv).ok();
         let (kind, obj) = match event {
             WatchEvent::Put { kv, prev } => {
@@ -1840,6 +1930,90 @@ mod tests {
 
     const DEPLOYS: &str = "/apis/apps/v1/namespaces/default/deployments";
     const JSON: &str = "application/json";
+
+    #[tokio::test]
+    async fn unfiltered_lists_from_the_cache_match_lists_from_the_store() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let cache = WatchCache::new(store.current_revision().await.expect("revision"));
+        let feeder = tokio::spawn(cache.clone().run(store.clone(), REGISTRY_PREFIX.to_owned()));
+        let api = Api::new(
+            store,
+            cache,
+            Allocator::new("10.0.0.0/29".parse().expect("cidr")),
+        );
+        api.bootstrap().await.expect("bootstrap");
+        for i in 0..3 {
+            let mut d = deployment(i);
+            d["metadata"]["name"] = json!(format!("web-{i}"));
+            call(&api, "POST", DEPLOYS, JSON, d).await.expect("create");
+        }
+        call(
+            &api,
+            "DELETE",
+            &format!("{DEPLOYS}/web-1"),
+            JSON,
+            Value::Null,
+        )
+        .await
+        .expect("delete");
+        let request = |path_query: &str| {
+            let (path, query) = path_query.split_once('?').unwrap_or((path_query, ""));
+            let Ok(Route::Resource(route)) = request::route(path) else {
+                panic!("{path} is not a resource path");
+            };
+            let query = request::parse_query(Some(query));
+            let verb = request::verb(&http::Method::GET, &route, &query, JSON).expect("verb");
+            ResourceRequest {
+                route,
+                verb,
+                query,
+                content_type: JSON.to_owned(),
+                table: None,
+                body: Bytes::new(),
+            }
+        };
+        for path in [DEPLOYS, "/apis/apps/v1/deployments", "/api/v1/namespaces"] {
+            let fast = api
+                .list_json(&request(path))
+                .await
+                .expect("served from the cache")
+                .expect("list");
+            let fast: Value = serde_json::from_slice(&fast).expect("JSON");
+            let slow = call(&api, "GET", path, JSON, Value::Null)
+                .await
+                .expect("list");
+            assert_eq!(fast, slow, "{path}");
+        }
+        let names: Vec<&str> = serde_json::from_slice::<Value>(
+            &api.list_json(&request(DEPLOYS))
+                .await
+                .expect("cached")
+                .expect("list"),
+        )
+        .map(|v| {
+            v["items"]
+                .as_array()
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|i| i["metadata"]["name"].as_str())
+                        .map(|n| if n == "web-0" { "web-0" } else { "other" })
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .expect("JSON");
+        assert_eq!(names, ["web-0", "other"]);
+        // Selectors, limits and Tables take the general path.
+        for path in [
+            &format!("{DEPLOYS}?labelSelector=app%3Dweb") as &str,
+            &format!("{DEPLOYS}?limit=1"),
+            &format!("{DEPLOYS}?resourceVersion=1&resourceVersionMatch=NotOlderThan"),
+        ] {
+            assert!(api.list_json(&request(path)).await.is_none(), "{path}");
+        }
+        feeder.abort();
+    }
 
     #[tokio::test]
     async fn generation_moves_with_spec_and_status_only_through_its_subresource() {

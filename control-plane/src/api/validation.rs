@@ -790,7 +790,7 @@ mod tests {
             "data": {"a": "b2xk", "keep": "eA=="},
             "stringData": {"a": "new", "plain": "hello"},
         });
-        super::default(super::Kind::Secret, &mut secret);
+        default(Kind::Secret, &mut secret);
         assert!(secret.get("stringData").is_none(), "{secret}");
         assert_eq!(
             secret["data"],

@@ -432,6 +432,19 @@ async fn respond(shared: &Shared, req: Request<Incoming>, has_cert: bool) -> Res
                     Err(e) => error_response(&e),
                 };
             }
+            if let Some(list) = shared.api.list_json(&request).await {
+                return match list {
+                    Ok(body) => {
+                        let mut resp = Response::new(full(body));
+                        resp.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        );
+                        resp
+                    }
+                    Err(e) => error_response(&e),
+                };
+            }
             match shared.api.handle(request).await {
                 Ok(Reply::Json {
                     code,
