@@ -367,3 +367,52 @@ fn eviction_deletes_the_pod_and_kubectl_drain_uses_it() {
     let node = cp.kubectl_json(&["get", "node", "node-d"]);
     assert!(node["spec"]["unschedulable"] != true, "{node}");
 }
+
+#[test]
+fn kubectl_scales_statefulsets_and_validates_fields_strictly() {
+    let cp = ControlPlane::start();
+    cp.kubectl_with(&["apply", "-f", "-"], Some(OBJECTS), &[]);
+    cp.kubectl(&[
+        "-n",
+        "tables",
+        "scale",
+        "statefulset",
+        "st1",
+        "--replicas=3",
+    ]);
+    let st = cp.kubectl_json(&["-n", "tables", "get", "statefulset", "st1"]);
+    assert_eq!(st["spec"]["replicas"], 3, "{st}");
+    let scale = cp.get("/apis/apps/v1/namespaces/tables/statefulsets/st1/scale");
+    assert_eq!(scale.0, 200, "{}", scale.1);
+    assert_eq!(scale.1["kind"], "Scale");
+    assert_eq!(scale.1["spec"]["replicas"], 3);
+
+    // kubectl validates strictly by default: an unknown field fails and stores nothing.
+    let typo = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: typo, namespace: tables}\ndatta: {a: b}\n";
+    let out = cp.kubectl_output(&["apply", "-f", "-"], Some(typo), &[]);
+    assert!(!out.status.success(), "an unknown field was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown field") && stderr.contains("datta"),
+        "{stderr}"
+    );
+    let (code, _) = cp.get("/api/v1/namespaces/tables/configmaps/typo");
+    assert_eq!(code, 404, "nothing stored");
+    // --validate=warn stores it and prints the server's warning; =false (Ignore) is silent.
+    let out = cp.kubectl_output(&["apply", "--validate=warn", "-f", "-"], Some(typo), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("datta"), "{stderr}");
+    let other = typo.replace("name: typo", "name: typo2");
+    let out = cp.kubectl_output(&["apply", "--validate=false", "-f", "-"], Some(&other), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("datta"));
+}
