@@ -4,6 +4,7 @@
 //! Each binary is a thin `main` around [`invoke::run_main`] and one of [`plugins`].
 //! Namespace switches happen only on dedicated threads ([`netns`]).
 
+pub mod arena;
 pub mod invoke;
 pub mod ipam;
 pub mod iptables;

@@ -184,9 +184,42 @@ pub async fn ensure_bridge(
     Ok(link)
 }
 
+/// `N` random bytes straight from the kernel.
+///
+/// One `getrandom(2)` call instead of a userspace generator: seeding `rand`'s ChaCha
+/// probes CPU features with `cpuid`, and in a VM every `cpuid` traps to the hypervisor
+/// (tens of microseconds each here), which is more than the rest of a DEL costs.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: the kernel writes at most `N - filled` bytes into the rest of `buf`.
+        let n = unsafe {
+            libc::getrandom(
+                buf[filled..].as_mut_ptr().cast::<libc::c_void>(),
+                N - filled,
+                0,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {
+            }
+            // Only a kernel without getrandom(2) (before 3.17) gets here.
+            Err(_) => {
+                use std::io::Read;
+                let _ = std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| f.read_exact(&mut buf[filled..]));
+                break;
+            }
+        }
+    }
+    buf
+}
+
 /// A random unicast, locally administered MAC address.
 pub fn random_mac() -> [u8; 6] {
-    let mut mac: [u8; 6] = rand::random();
+    let mut mac: [u8; 6] = random_bytes();
     mac[0] = (mac[0] & 0xfe) | 0x02;
     mac
 }

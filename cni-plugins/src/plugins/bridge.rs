@@ -100,7 +100,10 @@ fn masq_comment(req: &Request) -> String {
 }
 
 fn random_veth_name() -> String {
-    format!("veth{:08x}", rand::random::<u32>())
+    format!(
+        "veth{:08x}",
+        u32::from_ne_bytes(netlink::random_bytes::<4>())
+    )
 }
 
 fn is_default(dst: &IpNet) -> bool {
