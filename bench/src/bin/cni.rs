@@ -10,8 +10,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,8 +26,9 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     count: usize,
     /// Directory with our `bridge` and `host-local` (default: next to this program).
+    /// Give it more than once to compare builds (e.g. glibc and static musl).
     #[arg(long)]
-    ours: Option<PathBuf>,
+    ours: Vec<PathBuf>,
     /// Directory with the reference plugins.
     #[arg(long, default_value = "/usr/lib/cni")]
     reference: PathBuf,
@@ -98,9 +98,9 @@ impl Impl {
         })
     }
 
-    /// Runs the bridge plugin in `host`; returns its wall time and the CPU time it and
+    /// Runs the bridge plugin; returns its wall time and the CPU time it and
     /// its IPAM child used (CPU time is steadier than wall time on a busy machine).
-    fn invoke(&self, host: &File, command: &str, id: &str, netns: &Path) -> Result<Sample> {
+    fn invoke(&self, command: &str, id: &str, netns: &Path) -> Result<Sample> {
         let mut cmd = Command::new(self.dir.join("bridge"));
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -109,27 +109,17 @@ impl Impl {
             .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", &self.dir);
-        timed(host, cmd, self.conf.to_string().as_bytes())
+        timed(cmd, self.conf.to_string().as_bytes())
             .with_context(|| format!("{} {command}", self.label))
     }
 }
 
-/// Runs `cmd` inside namespace `host` with `stdin`; fails unless it exits 0.
-fn timed(host: &File, mut cmd: Command, stdin: &[u8]) -> Result<Sample> {
-    let fd = host.as_raw_fd();
+/// Runs `cmd` with `stdin` in this thread's network namespace (the benchmark's host
+/// namespace, see [`enter`]); fails unless it exits 0.
+fn timed(mut cmd: Command, stdin: &[u8]) -> Result<Sample> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: only the async-signal-safe setns(2) runs between fork and exec, on an
-    // fd the parent keeps open until the child is spawned.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let cpu_before = children_cpu();
     let start = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
@@ -150,7 +140,7 @@ fn timed(host: &File, mut cmd: Command, stdin: &[u8]) -> Result<Sample> {
 /// The floor under any CNI plugin here: one `ip` process that creates (or deletes) a
 /// veth pair with its peer in the container namespace, i.e. a program start plus the
 /// kernel's own work, without addresses, routes or IPAM.
-fn floor(host: &File, command: &str, i: usize, netns: &Ns) -> Result<Sample> {
+fn ip_floor(command: &str, i: usize, netns: &Ns) -> Result<Sample> {
     let mut cmd = Command::new("ip");
     if command == "ADD" {
         cmd.args([
@@ -167,7 +157,256 @@ fn floor(host: &File, command: &str, i: usize, netns: &Ns) -> Result<Sample> {
     } else {
         cmd.args(["link", "del", &format!("fl{i}")]);
     }
-    timed(host, cmd, b"")
+    timed(cmd, b"")
+}
+
+/// The start of a process that does nothing: what any plugin pays before its first
+/// line of code (exec, dynamic loader, libc start-up).
+fn exec_floor() -> Result<Sample> {
+    timed(Command::new("/bin/true"), b"")
+}
+
+/// Moves the calling thread into network namespace `ns`.
+///
+/// The benchmark's main thread (a plain thread, no async runtime on it) enters the
+/// host namespace once, so children inherit it and `Command` can start them with
+/// posix_spawn (vfork), as container runtimes start plugins, instead of a fork with a
+/// setns hook whose page-table copy would be billed to every plugin measured.
+fn enter(ns: &File) -> Result<()> {
+    // SAFETY: setns(2) on an open namespace fd; it changes only this thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "entering the benchmark's host namespace: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The kernel alone: the netlink requests our bridge plugin makes for one container,
+/// sent from this already running process. ADD: the veth pair (host end attached to
+/// a bridge and up, peer created inside the container namespace), then inside the
+/// container a lookup of `eth0`, bringing it up and adding its address. DEL: deleting
+/// `eth0` in the container (the host end goes with it). What is left of a plugin's
+/// time above this is process start, parsing, IPAM and its own code.
+struct KernelFloor {
+    host: OwnedFd,
+    bridge: i32,
+    containers: Vec<Option<OwnedFd>>,
+    seq: u32,
+}
+
+/// A netlink route socket in the namespace of `ns`.
+fn netlink_socket_in(ns: &File) -> Result<OwnedFd> {
+    let fd = ns.as_raw_fd();
+    // The socket belongs to the namespace it was created in, so a short-lived thread
+    // enters the namespace, opens it, and leaves with the thread.
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<OwnedFd> {
+            // SAFETY: setns on this dedicated thread only; `fd` stays open.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            // SAFETY: plain socket(2); the result is checked before use.
+            let raw = unsafe {
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::NETLINK_ROUTE,
+                )
+            };
+            if raw < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netlink socket thread panicked"))?
+    })
+}
+
+impl Sample {
+    fn plus(self, o: Sample) -> Sample {
+        Sample {
+            wall: self.wall + o.wall,
+            cpu: self.cpu + o.cpu,
+        }
+    }
+}
+
+impl KernelFloor {
+    fn new(host: &File, bridge: &str, count: usize) -> Result<Self> {
+        let mut me = Self {
+            host: netlink_socket_in(host)?,
+            bridge: 0,
+            containers: (0..count).map(|_| None).collect(),
+            seq: 0,
+        };
+        let mut info = Vec::new();
+        put_attr(&mut info, libc::IFLA_INFO_KIND, b"bridge");
+        let mut body = ifinfomsg(0, true);
+        put_attr(&mut body, libc::IFLA_IFNAME, &cstr(bridge.as_bytes()));
+        put_attr(&mut body, libc::IFLA_LINKINFO, &info);
+        let flags = (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+        let host = me.host.as_raw_fd();
+        me.request(host, libc::RTM_NEWLINK, flags, &body, true)?;
+        me.bridge = me.link_index(host, bridge)?.1;
+        Ok(me)
+    }
+
+    /// Sends one request and reads the first answer: the ack (checked) when `ack`,
+    /// else the reply message, returned.
+    fn request(
+        &mut self,
+        sock: i32,
+        msg_type: u16,
+        flags: u16,
+        body: &[u8],
+        ack: bool,
+    ) -> Result<(Sample, Vec<u8>)> {
+        self.seq += 1;
+        let len = 16 + body.len();
+        let mut msg = Vec::with_capacity(len);
+        msg.extend_from_slice(&u32::try_from(len)?.to_ne_bytes());
+        msg.extend_from_slice(&msg_type.to_ne_bytes());
+        let mut flags = flags | libc::NLM_F_REQUEST as u16;
+        if ack {
+            flags |= libc::NLM_F_ACK as u16;
+        }
+        msg.extend_from_slice(&flags.to_ne_bytes());
+        msg.extend_from_slice(&self.seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(body);
+        let cpu_before = thread_cpu();
+        let start = Instant::now();
+        // SAFETY: `msg` is a valid buffer of `msg.len()` bytes; the kernel handles a
+        // netlink request within send(2), so the answer is queued when it returns.
+        let sent = unsafe { libc::send(sock, msg.as_ptr().cast(), msg.len(), 0) };
+        ensure!(
+            sent >= 0,
+            "netlink send: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut buf = vec![0u8; 16384];
+        // SAFETY: `buf` is writable for its full length.
+        let got = unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let sample = Sample {
+            wall: start.elapsed(),
+            cpu: thread_cpu().saturating_sub(cpu_before),
+        };
+        ensure!(
+            got >= 20,
+            "netlink recv: {}",
+            std::io::Error::last_os_error()
+        );
+        buf.truncate(usize::try_from(got)?);
+        if u16::from_ne_bytes([buf[4], buf[5]]) == libc::NLMSG_ERROR as u16 {
+            let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            ensure!(
+                err == 0,
+                "netlink request {msg_type} failed: {}",
+                std::io::Error::from_raw_os_error(-err)
+            );
+        }
+        Ok((sample, buf))
+    }
+
+    /// RTM_GETLINK by name: the time it took and the link's index.
+    fn link_index(&mut self, sock: i32, name: &str) -> Result<(Sample, i32)> {
+        let mut body = ifinfomsg(0, false);
+        put_attr(&mut body, libc::IFLA_IFNAME, &cstr(name.as_bytes()));
+        let (s, reply) = self.request(sock, libc::RTM_GETLINK, 0, &body, false)?;
+        ensure!(reply.len() >= 24, "short RTM_GETLINK answer for {name}");
+        Ok((
+            s,
+            i32::from_ne_bytes([reply[20], reply[21], reply[22], reply[23]]),
+        ))
+    }
+
+    fn add(&mut self, i: usize, netns: &File) -> Result<Sample> {
+        let sock = netlink_socket_in(netns)?;
+        let csock = sock.as_raw_fd();
+        self.containers[i] = Some(sock);
+        let mut peer = ifinfomsg(0, false);
+        put_attr(&mut peer, libc::IFLA_IFNAME, &cstr(b"eth0"));
+        put_attr(
+            &mut peer,
+            libc::IFLA_NET_NS_FD,
+            &netns.as_raw_fd().to_ne_bytes(),
+        );
+        let mut data = Vec::new();
+        put_attr(&mut data, 1 /* VETH_INFO_PEER */, &peer);
+        let mut info = Vec::new();
+        put_attr(&mut info, libc::IFLA_INFO_KIND, b"veth");
+        put_attr(&mut info, libc::IFLA_INFO_DATA, &data);
+        let mut body = ifinfomsg(0, true);
+        put_attr(
+            &mut body,
+            libc::IFLA_IFNAME,
+            &cstr(format!("kf{i}").as_bytes()),
+        );
+        put_attr(&mut body, libc::IFLA_MASTER, &self.bridge.to_ne_bytes());
+        put_attr(&mut body, libc::IFLA_LINKINFO, &info);
+        let flags = (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+        let host = self.host.as_raw_fd();
+        let (mut total, _) = self.request(host, libc::RTM_NEWLINK, flags, &body, true)?;
+        let (s, index) = self.link_index(csock, "eth0")?;
+        total = total.plus(s);
+        let (s, _) = self.request(csock, libc::RTM_NEWLINK, 0, &ifinfomsg(index, true), true)?;
+        total = total.plus(s);
+        // struct ifaddrmsg: family, prefixlen, flags, scope, index.
+        let mut addr = vec![libc::AF_INET as u8, 16, 0, 0];
+        addr.extend_from_slice(&index.to_ne_bytes());
+        let ip = [10u8, 99, u8::try_from(i / 250)?, u8::try_from(i % 250 + 2)?];
+        put_attr(&mut addr, libc::IFA_LOCAL, &ip);
+        put_attr(&mut addr, libc::IFA_ADDRESS, &ip);
+        let (s, _) = self.request(csock, libc::RTM_NEWADDR, flags, &addr, true)?;
+        Ok(total.plus(s))
+    }
+
+    fn del(&mut self, i: usize) -> Result<Sample> {
+        let sock = self.containers[i]
+            .take()
+            .context("kernel floor DEL before ADD")?;
+        let mut body = ifinfomsg(0, false);
+        put_attr(&mut body, libc::IFLA_IFNAME, &cstr(b"eth0"));
+        Ok(self
+            .request(sock.as_raw_fd(), libc::RTM_DELLINK, 0, &body, true)?
+            .0)
+    }
+}
+
+/// A `struct ifinfomsg` (16 bytes) for link `index`, optionally setting IFF_UP.
+fn ifinfomsg(index: i32, up: bool) -> Vec<u8> {
+    let mut m = vec![0u8; 4];
+    m.extend_from_slice(&index.to_ne_bytes());
+    let up = if up { libc::IFF_UP as u32 } else { 0 };
+    m.extend_from_slice(&up.to_ne_bytes()); // ifi_flags
+    m.extend_from_slice(&up.to_ne_bytes()); // ifi_change
+    m
+}
+
+fn cstr(s: &[u8]) -> Vec<u8> {
+    let mut v = s.to_vec();
+    v.push(0);
+    v
+}
+
+/// Appends one netlink attribute, padded to 4 bytes.
+fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
+    buf.extend_from_slice(&len.to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    while !buf.len().is_multiple_of(4) {
+        buf.push(0);
+    }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_THREAD)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -178,14 +417,18 @@ struct Sample {
 
 /// User plus system time of all reaped children so far.
 fn children_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage_cpu(who: libc::c_int) -> Duration {
     let tv = |t: libc::timeval| {
         Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
             + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
     };
     // SAFETY: getrusage only writes the struct it is given.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_CHILDREN with a valid pointer to a rusage struct.
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+    // SAFETY: a valid `who` with a valid pointer to a rusage struct.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
         return Duration::ZERO;
     }
     tv(ru.ru_utime) + tv(ru.ru_stime)
@@ -213,6 +456,33 @@ fn stats(samples: &[Duration]) -> Stats {
     }
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// What one row of the report measures.
+enum Subject<'a> {
+    Plugin(&'a Impl),
+    IpFloor,
+    KernelFloor,
+    ExecFloor,
+}
+
+impl Subject<'_> {
+    fn label(&self) -> String {
+        match self {
+            Self::Plugin(im) => format!("{} ({})", im.label, im.dir.display()),
+            Self::IpFloor => "floor: ip link add/del veth (process + kernel)".into(),
+            Self::KernelFloor => {
+                "floor: the same netlink requests from a running process (kernel only)".into()
+            }
+            Self::ExecFloor => "floor: exec /bin/true (process start only)".into(),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(
@@ -220,109 +490,143 @@ fn main() -> Result<()> {
         "the CNI benchmark needs root"
     );
     ensure!(args.count > 0, "--count must be at least 1");
-    let ours_dir = match args.ours {
-        Some(d) => d,
-        None => std::env::current_exe()?
-            .parent()
-            .context("program has no directory")?
-            .to_path_buf(),
-    };
-    let ours_dir = ours_dir.canonicalize().with_context(|| {
-        format!(
-            "{}: build our plugins with cargo build --release -p ferrolet-cni",
-            ours_dir.display()
-        )
-    })?;
+    let mut ours_dirs = args.ours.clone();
+    if ours_dirs.is_empty() {
+        ours_dirs.push(
+            std::env::current_exe()?
+                .parent()
+                .context("program has no directory")?
+                .to_path_buf(),
+        );
+    }
     let tag = format!("{}", std::process::id() % 100_000);
-    let impls = [
-        Impl::new("ferrolet", &ours_dir, &format!("o{tag}"), "10.90.0.0/16")?,
-        Impl::new(
-            "reference",
-            &args.reference,
-            &format!("r{tag}"),
-            "10.91.0.0/16",
-        )?,
-    ];
+    let mut impls = vec![Impl::new(
+        "reference",
+        &args.reference,
+        &format!("r{tag}"),
+        "10.91.0.0/16",
+    )?];
+    for (k, dir) in ours_dirs.iter().enumerate() {
+        let dir = dir.canonicalize().with_context(|| {
+            format!(
+                "{}: build our plugins with cargo build --release -p ferrolet-cni",
+                dir.display()
+            )
+        })?;
+        impls.push(Impl::new(
+            "ferrolet",
+            &dir,
+            &format!("o{k}x{tag}"),
+            &format!("10.{}.0.0/16", 92 + k),
+        )?);
+    }
+    let mut subjects: Vec<Subject> = impls.iter().map(Subject::Plugin).collect();
+    subjects.extend([Subject::IpFloor, Subject::KernelFloor, Subject::ExecFloor]);
 
-    eprintln!("creating {} network namespaces...", 3 * args.count + 2);
+    let load_before = loadavg();
+    eprintln!(
+        "creating {} network namespaces (load average {load_before})...",
+        subjects.len() * args.count + 2
+    );
     let host_ns = Ns::new(format!("cnibench-h{tag}"))?;
     let host = File::open(&host_ns.path)?;
-    let mut ctrs: Vec<Vec<Ns>> = Vec::new();
-    for k in 0..3 {
-        let set = (0..args.count)
-            .map(|i| Ns::new(format!("cnibench-{tag}-{k}-{i}")))
-            .collect::<Result<Vec<_>>>()?;
-        ctrs.push(set);
-    }
+    let mut kernel = KernelFloor::new(&host, &format!("kfbr{tag}"), args.count)?;
+    // One container namespace per sample and subject (the exec floor needs none, but
+    // a uniform layout keeps the loop simple).
+    let ctrs: Vec<Vec<(Ns, File)>> = (0..subjects.len())
+        .map(|k| {
+            (0..args.count)
+                .map(|i| {
+                    let ns = Ns::new(format!("cnibench-{tag}-{k}-{i}"))?;
+                    let f = File::open(&ns.path)?;
+                    Ok((ns, f))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<_>>()?;
     let warm = Ns::new(format!("cnibench-w{tag}"))?;
+    enter(&host)?;
 
     // Warm up page cache and the bridges (created by the first ADD) outside the timing.
     for im in &impls {
         for n in 0..3 {
             let id = format!("warm{n}");
-            im.invoke(&host, "ADD", &id, &warm.path)?;
-            im.invoke(&host, "DEL", &id, &warm.path)?;
+            im.invoke("ADD", &id, &warm.path)?;
+            im.invoke("DEL", &id, &warm.path)?;
         }
     }
 
-    // Interleave implementations sample by sample so drifts in machine load hit both.
-    let mut add: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new(), Vec::new()];
-    let mut del: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new(), Vec::new()];
-    for (command, samples) in [("ADD", &mut add), ("DEL", &mut del)] {
-        for (i, ((a, b), c)) in ctrs[0].iter().zip(&ctrs[1]).zip(&ctrs[2]).enumerate() {
+    // Interleave subjects sample by sample so drifts in machine load hit all of them.
+    let mut samples: Vec<[Vec<Sample>; 2]> = subjects.iter().map(|_| [vec![], vec![]]).collect();
+    for (o, command) in ["ADD", "DEL"].into_iter().enumerate() {
+        for i in 0..args.count {
             let id = format!("c{i}");
-            samples[0].push(impls[0].invoke(&host, command, &id, &a.path)?);
-            samples[1].push(impls[1].invoke(&host, command, &id, &b.path)?);
-            samples[2].push(floor(&host, command, i, c)?);
+            for ((subject, set), out) in subjects.iter().zip(&ctrs).zip(&mut samples) {
+                let (ns, ns_file) = &set[i];
+                let s = match subject {
+                    Subject::Plugin(im) => im.invoke(command, &id, &ns.path)?,
+                    Subject::IpFloor => ip_floor(command, i, ns)?,
+                    Subject::KernelFloor if command == "ADD" => kernel.add(i, ns_file)?,
+                    Subject::KernelFloor => kernel.del(i)?,
+                    Subject::ExecFloor => exec_floor()?,
+                };
+                out[o].push(s);
+            }
         }
     }
+    let load_after = loadavg();
 
-    let wall = |v: &[Sample]| stats(&v.iter().map(|x| x.wall).collect::<Vec<_>>());
-    let cpu = |v: &[Sample]| stats(&v.iter().map(|x| x.cpu).collect::<Vec<_>>());
+    let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     println!(
-        "CNI bridge + host-local, {} network namespaces, cniVersion 1.0.0\n",
+        "CNI bridge + host-local (isGateway, no ipMasq), {} network namespaces, cniVersion 1.0.0",
         args.count
     );
     println!(
-        "| op | ferrolet p50 | ferrolet p99 | reference p50 | reference p99 | speedup p50 | speedup p99 | ip(8) veth floor p50 |"
+        "load average before {load_before}, after {load_after} ({nproc} CPUs); \
+         CPU = user+sys of the plugin process and its children (getrusage), \
+         for the kernel floor of this thread"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("speedup = reference / this row (for a floor: the best any plugin could reach)\n");
+    println!("| op | time | implementation | p50 ms | p99 ms | speedup p50 | speedup p99 |");
+    println!("|---|---|---|---|---|---|---|");
     let mut report = serde_json::Map::new();
-    for (op, samples) in [("ADD", &add), ("DEL", &del)] {
-        for (kind, f) in [
-            ("wall", &wall as &dyn Fn(&[Sample]) -> Stats),
-            ("cpu", &cpu),
-        ] {
-            let (o, r, fl) = (f(&samples[0]), f(&samples[1]), f(&samples[2]));
-            println!(
-                "| {op} {kind} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1}x | {:.1}x | {:.2} ms |",
-                o.p50,
-                o.p99,
-                r.p50,
-                r.p99,
-                r.p50 / o.p50,
-                r.p99 / o.p99,
-                fl.p50
-            );
-            let side = |st: Stats| json!({"p50_ms": st.p50, "p99_ms": st.p99, "mean_ms": st.mean});
-            report.insert(
-                format!("{}_{kind}", op.to_lowercase()),
-                json!({"ferrolet": side(o), "reference": side(r), "ip_veth_floor": side(fl),
-                       "speedup_p50": r.p50 / o.p50, "speedup_p99": r.p99 / o.p99}),
-            );
+    for (o, op) in ["ADD", "DEL"].into_iter().enumerate() {
+        for kind in ["wall", "cpu"] {
+            let st = |v: &[Sample]| {
+                stats(
+                    &v.iter()
+                        .map(|x| if kind == "wall" { x.wall } else { x.cpu })
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let reference = st(&samples[0][o]);
+            let mut rows = serde_json::Map::new();
+            for (k, subject) in subjects.iter().enumerate() {
+                let this = st(&samples[k][o]);
+                let (s50, s99) = (reference.p50 / this.p50, reference.p99 / this.p99);
+                println!(
+                    "| {op} | {kind} | {} | {:.2} | {:.2} | {s50:.1}x | {s99:.1}x |",
+                    subject.label(),
+                    this.p50,
+                    this.p99,
+                );
+                rows.insert(
+                    subject.label(),
+                    json!({"p50_ms": this.p50, "p99_ms": this.p99, "mean_ms": this.mean,
+                           "speedup_p50": s50, "speedup_p99": s99}),
+                );
+            }
+            report.insert(format!("{}_{kind}", op.to_lowercase()), Value::Object(rows));
         }
-    }
-    let mut load = String::new();
-    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
-        load = l.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
-        println!("\nload average during the run: {load}");
     }
     report.insert("benchmark".into(), json!("cni bridge+host-local"));
     report.insert("namespaces".into(), json!(args.count));
     report.insert("cni_version".into(), json!("1.0.0"));
-    report.insert("ours".into(), json!(ours_dir));
+    report.insert("ours".into(), json!(ours_dirs));
     report.insert("reference".into(), json!(args.reference));
-    report.insert("loadavg".into(), json!(load));
+    report.insert("loadavg_before".into(), json!(load_before));
+    report.insert("loadavg_after".into(), json!(load_after));
+    report.insert("cpus".into(), json!(nproc));
     let report = Value::Object(report);
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
