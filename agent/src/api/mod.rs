@@ -3,6 +3,7 @@
 //! unit-tested against an in-memory fake.
 
 mod client;
+pub mod events;
 pub mod kubeconfig;
 
 pub mod fake;
