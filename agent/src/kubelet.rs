@@ -95,6 +95,8 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         settings: NodeSettings::from_config(&config, host_ips),
     });
     let deps = Arc::new(Deps {
+        events: crate::api::events::ApiEventSink::spawn(api.clone(), "kubelet", &config.node_name),
+        mounter: Arc::new(crate::volumes::HostMounter),
         api,
         runtime,
         network,

@@ -8,5 +8,6 @@ pub mod cri;
 pub mod kubelet;
 pub mod node;
 pub mod pods;
+pub mod probes;
 pub mod proxy;
 pub mod volumes;

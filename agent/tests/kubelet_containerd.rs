@@ -10,14 +10,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use ferrolet::api::events::ApiEventSink;
 use ferrolet::api::fake::FakeApi;
+use ferrolet::api::{Api as _, ListParams};
 use ferrolet::cni::Cni;
 use ferrolet::cri::{CriRuntime, Runtime};
 use ferrolet::pods::worker::Deps;
 use ferrolet::pods::{PodContext, PodManager};
+use ferrolet::volumes::HostMounter;
 use ferrolet_tests::containerd::Containerd;
 use ferrolet_tests::images::{BUSYBOX_IMAGE, PAUSE_IMAGE, busybox_image, pause_image};
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, Event, ExecAction,
+    HostPathVolumeSource, Lifecycle, LifecycleHandler, Pod, PodSpec, PodStatus, Probe, Secret,
+    SecretVolumeSource, Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// A unique `/ferrolet-test-<pid>-<n>` cgroup parent, removed (children first, in every
@@ -187,6 +194,8 @@ fn pods_run_in_containerd_with_a_cni_ip_and_are_torn_down_completely() {
                 runtime_name: "containerd".into(),
             },
             cgroupfs: "/sys/fs/cgroup".into(),
+            events: ApiEventSink::spawn(api.clone(), "kubelet", "node-a"),
+            mounter: Arc::new(HostMounter),
         });
         let manager = PodManager::new(deps);
 
@@ -283,5 +292,394 @@ fn pods_run_in_containerd_with_a_cni_ip_and_are_torn_down_completely() {
             .collect();
         assert!(leased.is_empty(), "IPs still allocated: {leased:?}");
         assert!(!root.join("pods").join(&uid).exists(), "pod dir removed");
+    });
+}
+
+type TestDeps = Deps<FakeApi, CriRuntime, Cni>;
+
+/// The agent's pieces around a private containerd: the fake API, real CRI, real CNI (unused:
+/// containerd does its own), real mounts and the event writer.
+fn deps(
+    api: &Arc<FakeApi>,
+    runtime: &Arc<CriRuntime>,
+    dir: &Path,
+    cgroups: &CgroupParent,
+) -> Arc<TestDeps> {
+    let root = dir.join("agent");
+    Arc::new(Deps {
+        api: api.clone(),
+        runtime: runtime.clone(),
+        network: Arc::new(Cni {
+            bin_dir: "/usr/lib/cni".into(),
+            conf_dir: dir.join("agent-cni-empty"),
+            cache_dir: root.join("cni/results"),
+        }),
+        ctx: PodContext {
+            node_name: "node-a".into(),
+            root_dir: root,
+            cgroup_root: cgroups.0.clone(),
+            cluster_dns: vec![],
+            cluster_domain: "cluster.local".into(),
+            resolv_conf: "/etc/resolv.conf".into(),
+            host_ips: vec!["127.0.0.1".into()],
+            runtime_name: "containerd".into(),
+        },
+        cgroupfs: "/sys/fs/cgroup".into(),
+        events: ApiEventSink::spawn(api.clone(), "kubelet", "node-a"),
+        mounter: Arc::new(HostMounter),
+    })
+}
+
+fn exec_probe(cmd: &[&str]) -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            command: Some(cmd.iter().map(|s| (*s).to_owned()).collect()),
+        }),
+        period_seconds: Some(1),
+        failure_threshold: Some(1),
+        ..Default::default()
+    }
+}
+
+fn exec_hook(cmd: &[&str]) -> LifecycleHandler {
+    LifecycleHandler {
+        exec: Some(ExecAction {
+            command: Some(cmd.iter().map(|s| (*s).to_owned()).collect()),
+        }),
+        ..Default::default()
+    }
+}
+
+fn main_status(s: &PodStatus) -> k8s_openapi::api::core::v1::ContainerStatus {
+    s.container_statuses
+        .iter()
+        .flatten()
+        .next()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn condition(s: &PodStatus, kind: &str) -> Option<String> {
+    s.conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+async fn status_when(
+    api: &FakeApi,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&PodStatus) -> bool,
+) -> PodStatus {
+    wait_for(what, 90, async || {
+        let s = api.object::<Pod>(Some("default"), name)?.status?;
+        cond(&s).then_some(s)
+    })
+    .await
+}
+
+async fn exec_in(runtime: &CriRuntime, status: &PodStatus, cmd: &[&str]) -> String {
+    let id = main_status(status)
+        .container_id
+        .and_then(|id| id.strip_prefix("containerd://").map(str::to_owned))
+        .expect("container id");
+    let out = runtime
+        .exec_sync(
+            &id,
+            cmd.iter().map(|s| (*s).to_owned()).collect(),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        out.exit_code,
+        0,
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn sandboxes_gone(runtime: &CriRuntime, manager: &PodManager<FakeApi, CriRuntime, Cni>) {
+    wait_for("sandboxes removed", 60, async || {
+        let left = runtime
+            .list_pod_sandboxes(HashMap::new())
+            .await
+            .expect("list sandboxes");
+        left.is_empty().then_some(())
+    })
+    .await;
+    wait_for("workers finished", 30, async || {
+        (manager.worker_count() == 0).then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn probes_hooks_and_events_drive_a_real_container() {
+    let cgroups = CgroupParent::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (containerd, _bridge, _subnet, _ipam) = setup(dir.path());
+    let out = dir.path().join("out");
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let runtime = Arc::new(
+            CriRuntime::connect(&containerd.socket)
+                .await
+                .expect("connect CRI"),
+        );
+        let api = Arc::new(FakeApi::new());
+        let manager = PodManager::new(deps(&api, &runtime, dir.path(), &cgroups));
+        let mut p = pod("probed", "touch /tmp/healthy; exec sleep 3600", "Always");
+        if let Some(spec) = p.spec.as_mut() {
+            spec.volumes = Some(vec![Volume {
+                name: "out".into(),
+                host_path: Some(HostPathVolumeSource {
+                    path: out.display().to_string(),
+                    type_: Some("DirectoryOrCreate".into()),
+                }),
+                ..Default::default()
+            }]);
+            let c = &mut spec.containers[0];
+            c.volume_mounts = Some(vec![VolumeMount {
+                name: "out".into(),
+                mount_path: "/out".into(),
+                ..Default::default()
+            }]);
+            c.lifecycle = Some(Lifecycle {
+                post_start: Some(exec_hook(&["touch", "/tmp/ready"])),
+                pre_stop: Some(exec_hook(&["sh", "-c", "echo bye > /out/prestop"])),
+                ..Default::default()
+            });
+            c.startup_probe = Some(exec_probe(&["true"]));
+            c.readiness_probe = Some(exec_probe(&["test", "-f", "/tmp/ready"]));
+            let mut liveness = exec_probe(&["test", "-f", "/tmp/healthy"]);
+            liveness.failure_threshold = Some(2);
+            c.liveness_probe = Some(liveness);
+        }
+        api.insert(Some("default"), &p);
+        manager.dispatch(p.clone());
+
+        // postStart made the readiness file: started, ready, Ready.
+        let s = status_when(&api, "probed", "ready", |s| main_status(s).ready).await;
+        assert_eq!(main_status(&s).started, Some(true));
+        assert_eq!(condition(&s, "Ready").as_deref(), Some("True"));
+        assert_eq!(condition(&s, "ContainersReady").as_deref(), Some("True"));
+
+        // Readiness failing: not ready, no restart.
+        exec_in(&runtime, &s, &["rm", "/tmp/ready"]).await;
+        let s = status_when(&api, "probed", "not ready", |s| !main_status(s).ready).await;
+        assert_eq!(condition(&s, "Ready").as_deref(), Some("False"));
+        assert_eq!(main_status(&s).restart_count, 0);
+
+        // Liveness failing: killed and restarted; the new container is ready again.
+        exec_in(&runtime, &s, &["rm", "/tmp/healthy"]).await;
+        let s = status_when(&api, "probed", "restarted and ready", |s| {
+            main_status(s).restart_count == 1 && main_status(s).ready
+        })
+        .await;
+        assert!(
+            main_status(&s)
+                .last_state
+                .and_then(|l| l.terminated)
+                .is_some(),
+            "the killed container is the last state"
+        );
+
+        // Events reached the API, repeats merged.
+        let events = wait_for("events", 30, async || {
+            let list = api
+                .list::<Event>(Some("default"), &ListParams::default())
+                .await
+                .ok()?;
+            let has = |reason: &str, msg: &str| {
+                list.items.iter().any(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.message.as_deref().is_some_and(|m| m.contains(msg))
+                })
+            };
+            (has("Started", "Started container main")
+                && has("Created", "Created container")
+                && has("Unhealthy", "Liveness probe failed")
+                && has("Unhealthy", "Readiness probe failed")
+                && has("Killing", "failed liveness probe, will be restarted"))
+            .then_some(list.items)
+        })
+        .await;
+        let liveness = events
+            .iter()
+            .find(|e| {
+                e.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("Liveness probe failed"))
+            })
+            .expect("liveness event");
+        assert!(
+            liveness.count >= Some(2),
+            "two failures merged: {liveness:?}"
+        );
+        assert_eq!(
+            liveness.involved_object.field_path.as_deref(),
+            Some("spec.containers{main}")
+        );
+        assert_eq!(liveness.involved_object.name.as_deref(), Some("probed"));
+
+        // Deleted: the preStop hook runs before the container stops.
+        manager.gone(p.metadata.uid.as_deref().unwrap_or_default());
+        sandboxes_gone(&runtime, &manager).await;
+        assert_eq!(
+            std::fs::read_to_string(out.join("prestop")).expect("preStop wrote its file"),
+            "bye\n"
+        );
+    });
+}
+
+fn tmpfs_mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" - tmpfs "))
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect()
+}
+
+#[test]
+fn secret_and_memory_volumes_are_tmpfs_config_maps_update_and_sub_paths_mount() {
+    let cgroups = CgroupParent::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (containerd, _bridge, _subnet, _ipam) = setup(dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let runtime = Arc::new(
+            CriRuntime::connect(&containerd.socket)
+                .await
+                .expect("connect CRI"),
+        );
+        let api = Arc::new(FakeApi::new());
+        let d = deps(&api, &runtime, dir.path(), &cgroups);
+        let pods_root = d.ctx.root_dir.join("pods");
+        let manager = PodManager::new(d);
+        let config_map = |value: &str| ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("conf".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            data: Some([("greeting".to_owned(), value.to_owned())].into()),
+            ..Default::default()
+        };
+        api.insert(Some("default"), &config_map("hello"));
+        api.insert(
+            Some("default"),
+            &Secret {
+                metadata: ObjectMeta {
+                    name: Some("creds".into()),
+                    namespace: Some("default".into()),
+                    ..Default::default()
+                },
+                string_data: Some([("token".to_owned(), "s3cret".to_owned())].into()),
+                ..Default::default()
+            },
+        );
+        let mut p = pod("vols", "exec sleep 3600", "Always");
+        if let Some(spec) = p.spec.as_mut() {
+            spec.volumes = Some(vec![
+                Volume {
+                    name: "conf".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: "conf".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "creds".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some("creds".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "cache".into(),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        medium: Some("Memory".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ]);
+            spec.containers[0].volume_mounts = Some(vec![
+                VolumeMount {
+                    name: "conf".into(),
+                    mount_path: "/etc/conf".into(),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "creds".into(),
+                    mount_path: "/etc/creds".into(),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "cache".into(),
+                    mount_path: "/data".into(),
+                    sub_path: Some("app".into()),
+                    ..Default::default()
+                },
+            ]);
+        }
+        api.insert(Some("default"), &p);
+        manager.dispatch(p.clone());
+        let s = status_when(&api, "vols", "running", |s| {
+            s.phase.as_deref() == Some("Running") && main_status(s).ready
+        })
+        .await;
+        let uid = p.metadata.uid.clone().expect("uid");
+        let pod_dir = pods_root.join(&uid);
+        assert_eq!(
+            exec_in(&runtime, &s, &["cat", "/etc/creds/token"]).await,
+            "s3cret"
+        );
+        assert_eq!(
+            exec_in(&runtime, &s, &["cat", "/etc/conf/greeting"]).await,
+            "hello"
+        );
+        let mut mounts = tmpfs_mounts_under(&pod_dir);
+        mounts.sort();
+        assert_eq!(
+            mounts,
+            [
+                pod_dir
+                    .join("volumes/empty-dir/cache")
+                    .display()
+                    .to_string(),
+                pod_dir.join("volumes/secret/creds").display().to_string(),
+            ],
+            "secret and Memory emptyDir on tmpfs, configMap on disk"
+        );
+
+        // subPath: the container's /data is the volume's app/ directory.
+        exec_in(&runtime, &s, &["sh", "-c", "echo x > /data/file"]).await;
+        assert_eq!(
+            std::fs::read_to_string(pod_dir.join("volumes/empty-dir/cache/app/file"))
+                .expect("file through the subPath"),
+            "x\n"
+        );
+
+        // A configMap update reaches the running container.
+        api.insert(Some("default"), &config_map("bonjour"));
+        wait_for("the updated configMap in the container", 60, async || {
+            let got = exec_in(&runtime, &s, &["cat", "/etc/conf/greeting"]).await;
+            (got == "bonjour").then_some(())
+        })
+        .await;
+
+        manager.gone(&uid);
+        sandboxes_gone(&runtime, &manager).await;
+        assert!(tmpfs_mounts_under(&pod_dir).is_empty(), "tmpfs unmounted");
+        assert!(!pod_dir.exists(), "pod dir removed");
     });
 }

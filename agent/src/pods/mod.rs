@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod cgroups;
 pub mod env;
+pub mod lifecycle;
 pub mod manager;
 pub mod observed;
 pub mod plan;

@@ -262,8 +262,8 @@ pub struct HostVolume {
     pub read_only: bool,
 }
 
-/// The container config of `container` in `pod`, attempt `attempt`, with resolved `env`
-/// and the host paths of the pod's volumes.
+/// The container config of `container` in `pod`, attempt `attempt`, with resolved `env`,
+/// the host paths of the pod's volumes and those of `subPath` mounts (by mount path).
 pub fn container_config(
     pod: &Pod,
     container: &Container,
@@ -271,6 +271,7 @@ pub fn container_config(
     attempt: u32,
     env: Vec<(String, String)>,
     volumes: &HashMap<String, HostVolume>,
+    sub_paths: &HashMap<String, PathBuf>,
 ) -> v1::ContainerConfig {
     let key = PodKey::of(pod);
     let spec = pod.spec.clone().unwrap_or_default();
@@ -293,10 +294,10 @@ pub fn container_config(
         .flatten()
         .filter_map(|m| {
             let volume = volumes.get(&m.name)?;
-            let mut host_path = volume.path.clone();
-            if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-                host_path = host_path.join(sub);
-            }
+            let host_path = sub_paths
+                .get(&m.mount_path)
+                .cloned()
+                .unwrap_or_else(|| volume.path.clone());
             Some(v1::Mount {
                 container_path: m.mount_path.clone(),
                 host_path: host_path.display().to_string(),

@@ -66,6 +66,8 @@ pub struct StatusContext<'a> {
     pub waiting: &'a BTreeMap<String, Waiting>,
     /// Readiness by container name; a running container missing here is ready.
     pub readiness: &'a HashMap<String, bool>,
+    /// Whether a running container passed its startup probe, by name; missing: it has.
+    pub started: &'a HashMap<String, bool>,
 }
 
 /// Whether all init containers completed successfully.
@@ -195,6 +197,7 @@ fn container_status(
         },
     };
     let running = state.running.is_some();
+    let started = running && ctx.started.get(&c.name).copied().unwrap_or(true);
     ContainerStatus {
         name: c.name.clone(),
         image: c.image.clone().unwrap_or_default(),
@@ -202,7 +205,7 @@ fn container_status(
         container_id: latest.map(|l| format!("{}://{}", ctx.runtime_name, l.id)),
         restart_count: latest.map_or(0, |l| i32::try_from(l.attempt).unwrap_or(i32::MAX)),
         ready,
-        started: Some(running),
+        started: Some(started),
         state: Some(state),
         last_state: Some(last_state.unwrap_or_default()),
         ..Default::default()

@@ -15,9 +15,11 @@ use super::plan::{Start, plan};
 use super::spec::PodContext;
 use super::status::{StatusContext, phase, pod_status};
 use super::worker::{Deps, PodWorker};
+use crate::api::events::RecordingSink;
 use crate::api::fake::{FakeApi, Write};
 use crate::cni::fake::FakeNetwork;
 use crate::cri::fake::FakeRuntime;
+use crate::volumes::FakeMounter;
 
 const IMAGE: &str = "ferrolet.local/busybox:1";
 
@@ -268,6 +270,7 @@ fn status_reports_states_restart_counts_conditions_and_ips() {
         now: Timestamp::UNIX_EPOCH,
         waiting: &waiting,
         readiness: &readiness,
+        started: &HashMap::new(),
     };
     let s = pod_status(&p, &obs, &ctx);
     assert_eq!(s.phase.as_deref(), Some("Running"));
@@ -320,12 +323,14 @@ fn condition_transition_times_are_kept_while_unchanged() {
     let obs = observed(vec![obs_container("a", 0, RunState::Running, 0)]);
     let waiting = BTreeMap::new();
     let readiness = HashMap::new();
+    let started = HashMap::new();
     let at = |secs: i64| StatusContext {
         host_ips: &[],
         runtime_name: "fake",
         now: Timestamp::from_second(secs).expect("time"),
         waiting: &waiting,
         readiness: &readiness,
+        started: &started,
     };
     let first = pod_status(&p0, &obs, &at(100));
     let mut p1 = p0.clone();
@@ -347,6 +352,7 @@ fn condition_transition_times_are_kept_while_unchanged() {
 
 struct Rig {
     api: Arc<FakeApi>,
+    events: Arc<RecordingSink>,
     runtime: Arc<FakeRuntime>,
     network: Arc<FakeNetwork>,
     deps: Arc<Deps<FakeApi, FakeRuntime, FakeNetwork>>,
@@ -358,6 +364,8 @@ fn rig(runtime: FakeRuntime) -> Rig {
     let api = Arc::new(FakeApi::new());
     let runtime = Arc::new(runtime);
     let network = Arc::new(FakeNetwork::default());
+    let events = Arc::new(RecordingSink::default());
+    let mounter = Arc::new(FakeMounter::default());
     let deps = Arc::new(Deps {
         api: api.clone(),
         runtime: runtime.clone(),
@@ -373,9 +381,12 @@ fn rig(runtime: FakeRuntime) -> Rig {
             runtime_name: "fake".into(),
         },
         cgroupfs: root.path().join("cgroupfs"),
+        events: events.clone(),
+        mounter,
     });
     Rig {
         api,
+        events,
         runtime,
         network,
         deps,
@@ -715,6 +726,8 @@ async fn a_failing_network_add_leaves_no_sandbox_behind() {
         network,
         ctx: rig(FakeRuntime::default()).deps.ctx.clone(),
         cgroupfs: root.path().to_path_buf(),
+        events: Arc::new(RecordingSink::default()),
+        mounter: Arc::new(FakeMounter::default()),
     });
     let p = pod("p", &[], &["a"], "Always");
     api.insert(Some("default"), &p);
@@ -727,5 +740,370 @@ async fn a_failing_network_add_leaves_no_sandbox_behind() {
             .calls()
             .iter()
             .any(|c| c.starts_with("RemovePodSandbox"))
+    );
+}
+
+// ---- probes driving the worker (real HTTP/TCP on loopback, the fake runtime's pod IP is
+// 127.0.0.1) ----
+
+use crate::probes::tests::{HttpStub, closed_port};
+use k8s_openapi::api::core::v1::{
+    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, Probe, TCPSocketAction,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+fn http_probe(port: u16, failure: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            port: IntOrString::Int(i32::from(port)),
+            path: Some("/healthz".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(1),
+        failure_threshold: Some(failure),
+        ..Default::default()
+    }
+}
+
+fn with_container(mut p: Pod, f: impl FnOnce(&mut Container)) -> Pod {
+    if let Some(c) = p.spec.as_mut().and_then(|s| s.containers.first_mut()) {
+        f(c);
+    }
+    p
+}
+
+/// Runs `p` under a pod manager (the real worker loop, woken by probes) until `cond` holds
+/// for its API status.
+async fn run_until(
+    rig: &Rig,
+    manager: &super::PodManager<FakeApi, FakeRuntime, FakeNetwork>,
+    p: &Pod,
+    what: &str,
+    cond: impl Fn(&PodStatus, &Rig) -> bool,
+) -> PodStatus {
+    if rig
+        .api
+        .object::<Pod>(Some("default"), p.metadata.name.as_deref().unwrap_or(""))
+        .is_none()
+    {
+        rig.api.insert(Some("default"), p);
+        manager.dispatch(p.clone());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let name = p.metadata.name.as_deref().unwrap_or_default();
+        if let Some(s) = api_pod(rig, name).status
+            && cond(&s, rig)
+        {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; events {:?}; calls {:?}",
+            rig.events.reasons(),
+            rig.runtime.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn first_status(s: &PodStatus) -> k8s_openapi::api::core::v1::ContainerStatus {
+    s.container_statuses
+        .iter()
+        .flatten()
+        .next()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn condition(s: &PodStatus, kind: &str) -> Option<String> {
+    s.conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+#[tokio::test]
+async fn a_failing_liveness_probe_kills_and_restarts_the_container_then_backs_off() {
+    let stub = HttpStub::start(500).await;
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("127.0.0.1")));
+    let manager = super::PodManager::new(rig.deps.clone());
+    let p = with_container(pod("live", &[], &["a"], "Always"), |c| {
+        c.liveness_probe = Some(http_probe(stub.port, 2));
+    });
+    let s = run_until(&rig, &manager, &p, "a restart", |s, _| {
+        first_status(s).restart_count >= 1
+    })
+    .await;
+    let cs = first_status(&s);
+    assert!(
+        cs.last_state.and_then(|l| l.terminated).is_some(),
+        "the killed attempt is the last state"
+    );
+    let reasons = rig.events.reasons();
+    assert!(
+        reasons.iter().any(
+            |r| r == "Unhealthy: Liveness probe failed: HTTP probe failed with statuscode: 500"
+        ),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r == "Killing: Container a failed liveness probe, will be restarted"),
+        "{reasons:?}"
+    );
+    // Killed with the pod's grace period.
+    assert!(rig.runtime.calls().iter().any(|c| c == "StopContainer a 7"));
+    let unhealthy = rig
+        .events
+        .events()
+        .into_iter()
+        .find(|e| e.reason == "Unhealthy")
+        .expect("Unhealthy event");
+    assert_eq!(unhealthy.type_, "Warning");
+    assert_eq!(
+        unhealthy.object.field_path.as_deref(),
+        Some("spec.containers{a}")
+    );
+
+    // Still failing: the second kill puts the container into CrashLoopBackOff.
+    let s = run_until(&rig, &manager, &p, "CrashLoopBackOff", |s, _| {
+        first_status(s)
+            .state
+            .and_then(|st| st.waiting)
+            .and_then(|w| w.reason)
+            .as_deref()
+            == Some("CrashLoopBackOff")
+    })
+    .await;
+    assert_eq!(first_status(&s).restart_count, 1);
+    assert!(
+        rig.events.reasons().iter().any(|r| r.starts_with(
+            "BackOff: Back-off restarting failed container a in pod live_default(uid-live)"
+        )),
+        "{:?}",
+        rig.events.reasons()
+    );
+}
+
+#[tokio::test]
+async fn readiness_drives_ready_and_the_pod_conditions_without_restarts() {
+    let stub = HttpStub::start(503).await;
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("127.0.0.1")));
+    let manager = super::PodManager::new(rig.deps.clone());
+    let mut probe = http_probe(stub.port, 1);
+    probe.success_threshold = Some(2);
+    let p = with_container(pod("ready", &[], &["a"], "Always"), |c| {
+        c.readiness_probe = Some(probe);
+    });
+    let s = run_until(&rig, &manager, &p, "running, not ready", |s, _| {
+        s.phase.as_deref() == Some("Running")
+            && stub.hits.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(!first_status(&s).ready);
+    assert_eq!(first_status(&s).started, Some(true));
+    assert_eq!(condition(&s, "Ready").as_deref(), Some("False"));
+    assert_eq!(condition(&s, "ContainersReady").as_deref(), Some("False"));
+
+    stub.set(200);
+    let s = run_until(&rig, &manager, &p, "ready", |s, _| first_status(s).ready).await;
+    assert_eq!(condition(&s, "Ready").as_deref(), Some("True"));
+    assert_eq!(condition(&s, "ContainersReady").as_deref(), Some("True"));
+
+    stub.set(500);
+    let s = run_until(&rig, &manager, &p, "not ready again", |s, _| {
+        !first_status(s).ready
+    })
+    .await;
+    assert_eq!(condition(&s, "Ready").as_deref(), Some("False"));
+    assert_eq!(
+        first_status(&s).restart_count,
+        0,
+        "readiness never restarts"
+    );
+}
+
+#[tokio::test]
+async fn a_startup_probe_gates_liveness_and_kills_when_it_never_succeeds() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("127.0.0.1")));
+    let manager = super::PodManager::new(rig.deps.clone());
+    let exec_liveness = Probe {
+        exec: Some(ExecAction {
+            command: Some(vec!["true".into()]),
+        }),
+        period_seconds: Some(1),
+        ..Default::default()
+    };
+    let port = closed_port();
+    let p = with_container(pod("slow", &[], &["a"], "Always"), |c| {
+        c.startup_probe = Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(port)),
+                host: None,
+            }),
+            period_seconds: Some(1),
+            failure_threshold: Some(2),
+            ..Default::default()
+        });
+        c.liveness_probe = Some(exec_liveness.clone());
+    });
+    let s = run_until(&rig, &manager, &p, "running, not started", |s, _| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    assert_eq!(first_status(&s).started, Some(false));
+    assert!(!first_status(&s).ready, "not ready before started");
+    run_until(&rig, &manager, &p, "the startup kill", |_, rig| {
+        rig.events
+            .reasons()
+            .iter()
+            .any(|r| r == "Killing: Container a failed startup probe, will be restarted")
+    })
+    .await;
+    assert!(
+        !rig.runtime
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("ExecSync")),
+        "liveness never ran before startup succeeded: {:?}",
+        rig.runtime.calls()
+    );
+
+    // A startup probe that succeeds lets liveness run.
+    let stub = HttpStub::start(200).await;
+    let p = with_container(pod("fast", &[], &["a"], "Always"), |c| {
+        c.startup_probe = Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(stub.port)),
+                host: None,
+            }),
+            period_seconds: Some(1),
+            ..Default::default()
+        });
+        c.liveness_probe = Some(exec_liveness);
+    });
+    let s = run_until(&rig, &manager, &p, "started and live", |s, rig| {
+        first_status(s).started == Some(true)
+            && rig
+                .runtime
+                .calls()
+                .iter()
+                .any(|c| c.ends_with(" true") && c.starts_with("ExecSync"))
+    })
+    .await;
+    assert!(first_status(&s).ready);
+}
+
+#[tokio::test]
+async fn post_start_http_hooks_run_and_a_failing_one_kills_the_container() {
+    let stub = HttpStub::start(200).await;
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("127.0.0.1")));
+    let manager = super::PodManager::new(rig.deps.clone());
+    let hook = |port: u16| Lifecycle {
+        post_start: Some(LifecycleHandler {
+            http_get: Some(HTTPGetAction {
+                port: IntOrString::Int(i32::from(port)),
+                path: Some("/started".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let p = with_container(pod("hooked", &[], &["a"], "Always"), |c| {
+        c.lifecycle = Some(hook(stub.port));
+    });
+    run_until(&rig, &manager, &p, "running", |s, _| {
+        s.phase.as_deref() == Some("Running") && first_status(s).ready
+    })
+    .await;
+    let head = stub.last.lock().expect("lock").clone();
+    assert!(head.starts_with("GET /started "), "{head}");
+    assert_eq!(
+        first_status(&api_pod(&rig, "hooked").status.expect("status")).restart_count,
+        0
+    );
+
+    let bad = HttpStub::start(500).await;
+    let p = with_container(pod("badhook", &[], &["a"], "Always"), |c| {
+        c.lifecycle = Some(hook(bad.port));
+    });
+    run_until(
+        &rig,
+        &manager,
+        &p,
+        "restarted after the hook failed",
+        |s, _| first_status(s).restart_count >= 1,
+    )
+    .await;
+    let reasons = rig.events.reasons();
+    assert!(
+        reasons.iter().any(|r| r
+            == "FailedPostStartHook: PostStartHook failed: HTTP probe failed with statuscode: 500"),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn deletion_runs_http_pre_stop_hooks_before_stopping_with_the_grace_left() {
+    let stub = HttpStub::start(200).await;
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("127.0.0.1")));
+    let p = with_container(pod("stopper", &[], &["a"], "Always"), |c| {
+        c.lifecycle = Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                http_get: Some(HTTPGetAction {
+                    port: IntOrString::Int(i32::from(stub.port)),
+                    path: Some("/drain".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    });
+    rig.api.insert(Some("default"), &p);
+    let (tx, rx) = tokio::sync::watch::channel(Some(p.clone()));
+    let task = tokio::spawn(PodWorker::new(rig.deps.clone(), p.clone()).run(rx));
+    let running = async {
+        while rig.runtime.running() != ["a"] {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("container running");
+    assert_eq!(stub.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let mut deleting = api_pod(&rig, "stopper");
+    deleting.metadata.deletion_timestamp = Some(Time(crate::api::now()));
+    deleting.metadata.deletion_grace_period_seconds = Some(6);
+    tx.send_replace(Some(deleting));
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("worker ends")
+        .expect("worker task");
+    assert_eq!(stub.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let head = stub.last.lock().expect("lock").clone();
+    assert!(head.starts_with("GET /drain "), "{head}");
+    // The hook answered at once: the stop gets (nearly) the whole grace period.
+    let stop = rig
+        .runtime
+        .calls()
+        .into_iter()
+        .find(|c| c.starts_with("StopContainer a"))
+        .expect("stopped");
+    assert!(
+        stop == "StopContainer a 6" || stop == "StopContainer a 5",
+        "{stop}"
+    );
+    assert!(
+        rig.events
+            .reasons()
+            .iter()
+            .any(|r| r == "Killing: Stopping container a"),
+        "{:?}",
+        rig.events.reasons()
     );
 }

@@ -3,24 +3,27 @@
 //! status on change, and on deletion stops everything gracefully, detaches the network,
 //! removes the sandbox and finally deletes the pod object.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ferrolet_cri::v1;
-use k8s_openapi::api::core::v1::{Container, LifecycleHandler, Pod, PodStatus};
-use tokio::sync::watch;
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use tokio::sync::{Notify, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use crate::api::events::{EventSink, Recorder};
 use crate::api::{Api, DeleteParams, Patch};
 use crate::cni::{Attachment, Network};
 use crate::cri::Runtime;
+use crate::probes::{Kind, ProbeManager, Prober, Target};
 use crate::volumes;
 
 use super::PodError;
 use super::backoff::Backoff;
 use super::cgroups::remove_pod_cgroup;
+use super::lifecycle::{container_spec, default_host, kill_container, run_hook};
 use super::observed::{ContainerObs, Observed, RunState, SandboxObs};
 use super::plan::{Start, plan};
 use super::spec::{HostVolume, PodContext, PodKey, container_config, sandbox_config, uid_selector};
@@ -31,6 +34,8 @@ use super::status::{self, StatusContext, Waiting, pod_status};
 pub const POLL: Duration = Duration::from_secs(2);
 /// How often a finished pod is looked at.
 const IDLE_POLL: Duration = Duration::from_secs(30);
+/// How long a postStart hook may run.
+const POST_START_LIMIT: Duration = Duration::from_secs(30);
 
 /// What every worker shares.
 pub struct Deps<A, R, N> {
@@ -40,6 +45,10 @@ pub struct Deps<A, R, N> {
     pub ctx: PodContext,
     /// The cgroupfs mount, `/sys/fs/cgroup` on a host.
     pub cgroupfs: PathBuf,
+    /// Where events about pods go.
+    pub events: Arc<dyn EventSink>,
+    /// Mounts the agent makes for volumes (tmpfs).
+    pub mounter: Arc<dyn volumes::Mounter>,
 }
 
 /// The worker of one pod.
@@ -54,6 +63,14 @@ pub struct PodWorker<A, R, N> {
     held: BTreeMap<String, Waiting>,
     last_status: Option<PodStatus>,
     readiness: HashMap<String, bool>,
+    started: HashMap<String, bool>,
+    probes: Option<ProbeManager<R>>,
+    /// Woken by probes when a verdict changes.
+    wake: Arc<Notify>,
+    events: Recorder,
+    /// Backoffs already reported as events, by container name and attempt, so a wait is
+    /// reported once, not on every sync.
+    reported_backoffs: HashSet<(String, u32)>,
 }
 
 fn obs_from(status: &v1::ContainerStatus) -> ContainerObs {
@@ -104,17 +121,33 @@ fn grace_seconds(pod: &Pod) -> i64 {
         .max(0)
 }
 
-fn exec_handler(handler: Option<&LifecycleHandler>) -> Option<Vec<String>> {
-    handler
-        .and_then(|h| h.exec.as_ref())
-        .and_then(|e| e.command.clone())
-        .filter(|c| !c.is_empty())
+/// The pod's own termination grace period (not a deletion's), for kills by probes.
+fn spec_grace_seconds(pod: &Pod) -> i64 {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30)
+        .max(0)
 }
 
 impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
     pub fn new(deps: Arc<Deps<A, R, N>>, pod: Pod) -> PodWorker<A, R, N> {
         let key = PodKey::of(&pod);
         let last_status = pod.status.clone();
+        let wake = Arc::new(Notify::new());
+        let events = Recorder::for_pod(deps.events.clone(), &pod);
+        let probes = match Prober::shared() {
+            Ok(prober) => Some(ProbeManager::new(
+                deps.runtime.clone(),
+                prober,
+                wake.clone(),
+                events.clone(),
+            )),
+            Err(e) => {
+                warn!(error = %e, "probes cannot run");
+                None
+            }
+        };
         PodWorker {
             deps,
             pod,
@@ -125,6 +158,11 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             held: BTreeMap::new(),
             last_status,
             readiness: HashMap::new(),
+            started: HashMap::new(),
+            probes,
+            wake,
+            events,
+            reported_backoffs: HashSet::new(),
         }
     }
 
@@ -267,8 +305,14 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             .clone()
             .unwrap_or_else(|| default_pull_policy(&image).to_owned());
         let present = self.deps.runtime.image_status(&image).await?.is_some();
+        let name = container.name.as_str();
         let pull = match policy.as_str() {
             "Never" if !present => {
+                self.events.warning(
+                    "ErrImageNeverPull",
+                    &format!("Container image {image:?} is not present with pull policy of Never"),
+                    Some(name),
+                );
                 return Err(PodError::Image {
                     image,
                     message: "ErrImageNeverPull: not present and the pull policy is Never".into(),
@@ -279,26 +323,62 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             _ => !present,
         };
         if !pull {
+            self.events.normal(
+                "Pulled",
+                &format!("Container image {image:?} already present on machine"),
+                Some(name),
+            );
             return Ok(());
         }
         let now = SystemTime::now();
         if let Some(failed) = self.pull_failed_at.get(&container.name)
             && let Some(wait) = self.pull_backoff.remaining(&container.name, *failed, now)
         {
+            let secs = failed
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if self.reported_backoffs.insert((
+                format!("image {name}"),
+                u32::try_from(secs % (1 << 31)).unwrap_or(0),
+            )) {
+                self.events.normal(
+                    "BackOff",
+                    &format!("Back-off pulling image {image:?}"),
+                    Some(name),
+                );
+            }
             return Err(PodError::Image {
                 image,
                 message: format!("ImagePullBackOff: back-off {}s pulling", wait.as_secs()),
             });
         }
         let sandbox = sandbox_config(&self.pod, 0, &self.deps.ctx);
+        self.events
+            .normal("Pulling", &format!("Pulling image {image:?}"), Some(name));
+        let began = std::time::Instant::now();
         match self.deps.runtime.pull_image(&image, sandbox).await {
             Ok(image_ref) => {
                 info!(container = %container.name, %image, %image_ref, "pulled image");
+                self.events.normal(
+                    "Pulled",
+                    &format!(
+                        "Successfully pulled image {image:?} in {:.3}s",
+                        began.elapsed().as_secs_f64()
+                    ),
+                    Some(name),
+                );
                 self.pull_failed_at.remove(&container.name);
                 self.pull_backoff.forget(&container.name);
                 Ok(())
             }
             Err(e) => {
+                self.events.warning(
+                    "Failed",
+                    &format!("Failed to pull image {image:?}: {e}"),
+                    Some(name),
+                );
+                self.events
+                    .warning("Failed", "Error: ErrImagePull", Some(name));
                 self.pull_failed_at.insert(container.name.clone(), now);
                 self.pull_backoff.restarted(&container.name, now);
                 Err(PodError::Image {
@@ -313,6 +393,7 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
         &mut self,
         start: &Start,
         sandbox_id: &str,
+        sandbox_ips: &[String],
         volumes: &HashMap<String, HostVolume>,
     ) -> Result<(), PodError> {
         let spec = self.pod.spec.clone().unwrap_or_default();
@@ -327,6 +408,7 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             .ok_or_else(|| PodError::Config(format!("container {} not in spec", start.name)))?;
         self.ensure_image(&container).await?;
         let env = super::env::resolve(self.deps.api.as_ref(), &self.pod, &container).await?;
+        let sub_paths = resolve_sub_paths(&container, volumes, &env)?;
         let config = container_config(
             &self.pod,
             &container,
@@ -334,33 +416,68 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             start.attempt,
             env,
             volumes,
+            &sub_paths,
         );
         let sandbox = sandbox_config(&self.pod, 0, &self.deps.ctx);
-        let runtime = &self.deps.runtime;
-        let id = runtime
-            .create_container(sandbox_id, config, sandbox)
-            .await?;
+        let runtime = self.deps.runtime.clone();
+        let name = start.name.as_str();
+        let id = match runtime.create_container(sandbox_id, config, sandbox).await {
+            Ok(id) => id,
+            Err(e) => {
+                self.events
+                    .warning("Failed", &format!("Error: {e}"), Some(name));
+                return Err(e.into());
+            }
+        };
+        self.events
+            .normal("Created", &format!("Created container: {name}"), Some(name));
         if let Err(e) = runtime.start_container(&id).await {
+            self.events
+                .warning("Failed", &format!("Error: {e}"), Some(name));
             let _ = runtime.remove_container(&id).await;
             return Err(e.into());
         }
+        self.events
+            .normal("Started", &format!("Started container {name}"), Some(name));
         info!(container = %start.name, id = %id, attempt = start.attempt, "container started");
-        if let Some(cmd) = exec_handler(
-            container
-                .lifecycle
-                .as_ref()
-                .and_then(|l| l.post_start.as_ref()),
-        ) {
-            let ok = runtime
-                .exec_sync(&id, cmd, Duration::from_secs(30))
-                .await
-                .is_ok_and(|r| r.exit_code == 0);
-            if !ok {
-                warn!(container = %start.name, "postStart hook failed; killing the container");
-                let _ = runtime.stop_container(&id, 0).await;
+        if let Some(hook) = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.post_start.as_ref())
+        {
+            let target = Target {
+                container_id: id.clone(),
+                default_host: self.default_host(sandbox_ips),
+            };
+            if let Err(message) = run_hook(
+                runtime.as_ref(),
+                &container,
+                hook,
+                &target,
+                POST_START_LIMIT,
+            )
+            .await
+            {
+                // As upstream: the container is killed (without its preStop hook) and
+                // restarted per the restart policy.
+                warn!(container = %name, %message, "postStart hook failed; killing the container");
+                self.events.warning(
+                    "FailedPostStartHook",
+                    &format!("PostStartHook failed: {message}"),
+                    Some(name),
+                );
+                self.events
+                    .normal("Killing", "FailedPostStartHook", Some(name));
+                let _ = runtime
+                    .stop_container(&id, spec_grace_seconds(&self.pod))
+                    .await;
             }
         }
         Ok(())
+    }
+
+    fn default_host(&self, sandbox_ips: &[String]) -> Option<String> {
+        default_host(&self.pod, sandbox_ips, &self.deps.ctx.host_ips)
     }
 
     /// The API's phase says the pod is done (it finished before, perhaps before a restart).
@@ -374,6 +491,7 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
     /// One pass toward the spec; returns when to look again.
     pub async fn sync(&mut self) -> Result<Duration, PodError> {
         let spec = self.pod.spec.clone().unwrap_or_default();
+        self.kill_unhealthy().await;
         let obs = self.observe().await?;
         let now = SystemTime::now();
         let mut plan = plan(&spec, &obs, &self.backoff, now);
@@ -400,15 +518,25 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
         });
         if !plan.start.is_empty() || (has_api_volumes && !plan.finished) {
             let pod_dir = self.deps.ctx.pod_dir(&self.key.uid);
-            match volumes::prepare(self.deps.api.as_ref(), &self.pod, &pod_dir).await {
+            match volumes::prepare(
+                self.deps.api.as_ref(),
+                self.deps.mounter.as_ref(),
+                &self.pod,
+                &pod_dir,
+            )
+            .await
+            {
                 Ok(vols) => {
-                    let sandbox_id = obs
+                    let (sandbox_id, sandbox_ips) = obs
                         .sandbox
                         .as_ref()
-                        .map(|s| s.id.clone())
+                        .map(|s| (s.id.clone(), s.ips.clone()))
                         .unwrap_or_default();
                     for start in &plan.start {
-                        match self.start_container(start, &sandbox_id, &vols).await {
+                        match self
+                            .start_container(start, &sandbox_id, &sandbox_ips, &vols)
+                            .await
+                        {
                             Ok(()) => {
                                 self.held.remove(&start.name);
                                 if start.restart {
@@ -438,6 +566,18 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             }
         }
         let obs = if acted { self.observe().await? } else { obs };
+        self.report_backoffs(&plan.waiting, &obs);
+        let ips = obs
+            .sandbox
+            .as_ref()
+            .map(|s| s.ips.clone())
+            .unwrap_or_default();
+        let host = self.default_host(&ips);
+        if let Some(probes) = self.probes.as_mut() {
+            probes.sync(&self.pod, &obs, host.as_deref());
+            self.readiness = probes.readiness();
+            self.started = probes.started();
+        }
         let mut waiting = self.held.clone();
         waiting.extend(plan.waiting.clone());
         self.report(&obs, &waiting).await?;
@@ -452,6 +592,70 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             return Ok(Duration::ZERO);
         }
         Ok(plan.requeue_after.map_or(POLL, |r| r.min(POLL)))
+    }
+
+    /// Kills the containers whose liveness or startup probe failed; the plan then
+    /// restarts them per the restart policy, with backoff.
+    async fn kill_unhealthy(&mut self) {
+        let Some(probes) = self.probes.as_mut() else {
+            return;
+        };
+        let kills = probes.take_kills();
+        let restarts = status::RestartPolicy::of(&self.pod.spec.clone().unwrap_or_default())
+            != status::RestartPolicy::Never;
+        for kill in kills {
+            let kind = match kill.kind {
+                Kind::Startup => "startup",
+                Kind::Liveness => "liveness",
+                Kind::Readiness => "readiness",
+            };
+            let then = if restarts { ", will be restarted" } else { "" };
+            self.events.normal(
+                "Killing",
+                &format!("Container {} failed {kind} probe{then}", kill.name),
+                Some(&kill.name),
+            );
+            let grace = kill
+                .grace_seconds
+                .unwrap_or_else(|| spec_grace_seconds(&self.pod));
+            let target = Target {
+                container_id: kill.container_id.clone(),
+                default_host: self.default_host(&[]),
+            };
+            let container = container_spec(&self.pod, &kill.name);
+            if let Err(e) = kill_container(
+                self.deps.runtime.as_ref(),
+                container,
+                &target,
+                grace,
+                Some(&self.events),
+            )
+            .await
+                && !e.is_not_found()
+            {
+                warn!(container = %kill.name, error = %e, "killing an unhealthy container failed");
+            }
+        }
+    }
+
+    /// Reports each container's entry into CrashLoopBackOff once per attempt.
+    fn report_backoffs(&mut self, waiting: &BTreeMap<String, Waiting>, obs: &Observed) {
+        for (name, w) in waiting {
+            if w.reason != "CrashLoopBackOff" {
+                continue;
+            }
+            let attempt = obs.latest(name).map_or(0, |l| l.attempt);
+            if self.reported_backoffs.insert((name.clone(), attempt)) {
+                self.events.warning(
+                    "BackOff",
+                    &format!(
+                        "Back-off restarting failed container {name} in pod {}_{}({})",
+                        self.key.name, self.key.namespace, self.key.uid
+                    ),
+                    Some(name),
+                );
+            }
+        }
     }
 
     /// Computes the status and patches it if it changed.
@@ -472,6 +676,7 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
                 now: crate::api::now(),
                 waiting,
                 readiness: &self.readiness,
+                started: &self.started,
             },
         );
         if !status::differs(self.last_status.as_ref(), &status) {
@@ -551,12 +756,14 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
                         POLL
                     }
                 };
+                let wake = self.wake.clone();
                 tokio::select! {
                     changed = updates.changed() => {
                         if changed.is_err() {
                             return;
                         }
                     }
+                    () = wake.notified() => {}
                     () = tokio::time::sleep(wait) => {}
                 }
             }
@@ -586,6 +793,34 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             }
         }
     }
+}
+
+/// The host paths of the container's `subPath`/`subPathExpr` mounts, by mount path,
+/// checked to stay inside their volumes.
+fn resolve_sub_paths(
+    container: &Container,
+    volumes: &HashMap<String, HostVolume>,
+    env: &[(String, String)],
+) -> Result<HashMap<String, PathBuf>, PodError> {
+    let vars: HashMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut out = HashMap::new();
+    for m in container.volume_mounts.iter().flatten() {
+        let sub = match (&m.sub_path, &m.sub_path_expr) {
+            (Some(s), _) if !s.is_empty() => s.clone(),
+            (_, Some(e)) if !e.is_empty() => super::spec::expand(e, &vars),
+            _ => continue,
+        };
+        let volume = volumes.get(&m.name).ok_or_else(|| {
+            PodError::Config(format!(
+                "volumeMount {:?} of container {} names no volume of the pod",
+                m.name, container.name
+            ))
+        })?;
+        let path = volumes::sub_path(&m.name, volume, &sub)
+            .map_err(|e| PodError::Config(e.to_string()))?;
+        out.insert(m.mount_path.clone(), path);
+    }
+    Ok(out)
 }
 
 fn waiting_for(e: &PodError) -> Waiting {
@@ -635,7 +870,13 @@ pub async fn stop_sandbox<A: Api, R: Runtime, N: Network>(
     let containers = runtime
         .list_containers(Some(sandbox_id), HashMap::new())
         .await?;
-    let spec = pod.spec.clone().unwrap_or_default();
+    // Orphans (deleted while the agent was down) have no pod object to report about.
+    let events = pod
+        .metadata
+        .name
+        .is_some()
+        .then(|| Recorder::for_pod(deps.events.clone(), pod));
+    let host = default_host(pod, &[], &deps.ctx.host_ips);
     let stops = containers
         .iter()
         .filter(|c| c.state == v1::ContainerState::ContainerRunning as i32)
@@ -645,28 +886,21 @@ pub async fn stop_sandbox<A: Api, R: Runtime, N: Network>(
                 .as_ref()
                 .map(|m| m.name.clone())
                 .unwrap_or_default();
-            let pre_stop = spec
-                .containers
-                .iter()
-                .find(|s| s.name == name)
-                .and_then(|s| exec_handler(s.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref())));
+            let spec = container_spec(pod, &name);
+            let target = Target {
+                container_id: c.id.clone(),
+                default_host: host.clone(),
+            };
+            let events = events.as_ref();
             async move {
-                let started = std::time::Instant::now();
-                if let Some(cmd) = pre_stop {
-                    let limit = Duration::from_secs(u64::try_from(grace).unwrap_or(0).max(1));
-                    match runtime.exec_sync(&c.id, cmd, limit).await {
-                        Ok(r) if r.exit_code == 0 => info!(container = %name, "preStop hook ran"),
-                        Ok(r) => {
-                            warn!(container = %name, exit = r.exit_code, "preStop hook failed");
-                        }
-                        Err(e) => warn!(container = %name, error = %e, "preStop hook failed"),
-                    }
+                if let Some(ev) = events {
+                    ev.normal(
+                        "Killing",
+                        &format!("Stopping container {name}"),
+                        Some(&name),
+                    );
                 }
-                // The hook's time counts against the grace period.
-                let left = grace - i64::try_from(started.elapsed().as_secs()).unwrap_or(grace);
-                let r = runtime.stop_container(&c.id, left.max(0)).await;
-                info!(container = %name, "container stopped");
-                r
+                kill_container(runtime.as_ref(), spec, &target, grace, events).await
             }
         });
     let mut first_error = None;
@@ -733,9 +967,8 @@ pub async fn teardown<A: Api, R: Runtime, N: Network>(
         return Err(e);
     }
     let pod_dir = deps.ctx.pod_dir(uid);
-    if let Err(e) = volumes::cleanup(&pod_dir) {
-        warn!(error = %e, "removing pod volumes");
-    }
+    // A volume still mounted keeps the pod dir (and the pod) for the next try.
+    volumes::cleanup(deps.mounter.as_ref(), &pod_dir)?;
     let _ = std::fs::remove_dir_all(&pod_dir);
     for (path, e) in remove_pod_cgroup(&deps.cgroupfs, &deps.ctx.cgroup_parent(uid)) {
         warn!(path = %path.display(), error = %e, "removing pod cgroup");

@@ -1,6 +1,13 @@
-//! Pod volumes made ready on the host before containers start: emptyDir, hostPath,
-//! configMap, secret, downwardAPI and projected. API-backed volumes are rewritten on every
-//! sync, each file replaced by rename, so an updated ConfigMap reaches running containers.
+//! Pod volumes made ready on the host before containers start: emptyDir (on disk, or on a
+//! tmpfs for `medium: Memory`), hostPath, configMap, secret and projected (on a tmpfs the
+//! agent mounts under the pod dir and unmounts at teardown), downwardAPI. API-backed
+//! volumes are checked on every sync and swapped atomically ([`atomic`]) when their
+//! source changed, so an updated ConfigMap reaches running containers all at once.
+
+pub mod atomic;
+pub mod mount;
+
+pub use mount::{FakeMounter, HostMounter, Mounter};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
@@ -52,6 +59,7 @@ fn kind_dir(pod_dir: &Path, kind: &str) -> PathBuf {
 /// Makes every volume of `pod` ready under `pod_dir` and returns them by name.
 pub async fn prepare<A: Api>(
     api: &A,
+    mounter: &dyn Mounter,
     pod: &Pod,
     pod_dir: &Path,
 ) -> Result<HashMap<String, HostVolume>, VolumeError> {
@@ -63,14 +71,41 @@ pub async fn prepare<A: Api>(
         .and_then(|s| s.volumes.clone())
         .unwrap_or_default();
     for volume in &volumes {
-        let host = prepare_one(api, pod, namespace, volume, pod_dir).await?;
+        let host = prepare_one(api, mounter, pod, namespace, volume, pod_dir).await?;
         out.insert(volume.name.clone(), host);
     }
     Ok(out)
 }
 
+/// Mounts a tmpfs at `dir` unless one is there already.
+fn ensure_tmpfs(
+    mounter: &dyn Mounter,
+    volume: &str,
+    dir: &Path,
+    size: Option<u64>,
+) -> Result<(), VolumeError> {
+    std::fs::create_dir_all(dir).map_err(io(volume, dir))?;
+    if !mounter.is_mounted(dir) {
+        mounter.mount_tmpfs(dir, size).map_err(io(volume, dir))?;
+    }
+    Ok(())
+}
+
+/// A volume's `defaultMode`: permission bits only (0644 when unset).
+fn file_mode(volume: &str, mode: Option<i32>) -> Result<u32, VolumeError> {
+    let mode = mode.unwrap_or(0o644);
+    u32::try_from(mode)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| VolumeError::Invalid {
+            volume: volume.into(),
+            message: format!("defaultMode {mode} is not between 0 and 0777 (511)"),
+        })
+}
+
 async fn prepare_one<A: Api>(
     api: &A,
+    mounter: &dyn Mounter,
     pod: &Pod,
     namespace: &str,
     volume: &Volume,
@@ -83,9 +118,32 @@ async fn prepare_one<A: Api>(
             message: "volume name must be a DNS label".into(),
         });
     }
-    if volume.empty_dir.is_some() {
+    if let Some(ed) = &volume.empty_dir {
         let path = kind_dir(pod_dir, "empty-dir").join(name);
-        std::fs::create_dir_all(&path).map_err(io(name, &path))?;
+        match ed.medium.as_deref().unwrap_or("") {
+            "" => std::fs::create_dir_all(&path).map_err(io(name, &path))?,
+            "Memory" => {
+                let size = match &ed.size_limit {
+                    None => None,
+                    Some(q) => Some(
+                        crate::config::Quantity::parse(&q.0)
+                            .map_err(|e| VolumeError::Invalid {
+                                volume: name.clone(),
+                                message: format!("sizeLimit {:?}: {e}", q.0),
+                            })?
+                            .units_ceil(),
+                    )
+                    .map(|b| u64::try_from(b).unwrap_or(u64::MAX)),
+                };
+                ensure_tmpfs(mounter, name, &path, size)?;
+            }
+            other => {
+                return Err(VolumeError::Invalid {
+                    volume: name.clone(),
+                    message: format!("emptyDir medium {other:?} is not supported (\"\" or Memory)"),
+                });
+            }
+        }
         return Ok(HostVolume {
             path,
             read_only: false,
@@ -101,8 +159,12 @@ async fn prepare_one<A: Api>(
     }
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let dir;
+    let mode;
+    // Secrets (and projections, which may hold them) stay off the disk.
+    let mut in_memory = false;
     if let Some(cm) = &volume.config_map {
         dir = kind_dir(pod_dir, "configmap").join(name);
+        mode = file_mode(name, cm.default_mode)?;
         config_map_files(
             api,
             name,
@@ -115,6 +177,8 @@ async fn prepare_one<A: Api>(
         .await?;
     } else if let Some(s) = &volume.secret {
         dir = kind_dir(pod_dir, "secret").join(name);
+        mode = file_mode(name, s.default_mode)?;
+        in_memory = true;
         let secret_name = s.secret_name.clone().unwrap_or_default();
         secret_files(
             api,
@@ -128,6 +192,7 @@ async fn prepare_one<A: Api>(
         .await?;
     } else if let Some(d) = &volume.downward_api {
         dir = kind_dir(pod_dir, "downward-api").join(name);
+        mode = file_mode(name, d.default_mode)?;
         downward_files(
             name,
             pod,
@@ -136,6 +201,8 @@ async fn prepare_one<A: Api>(
         )?;
     } else if let Some(p) = &volume.projected {
         dir = kind_dir(pod_dir, "projected").join(name);
+        mode = file_mode(name, p.default_mode)?;
+        in_memory = true;
         for source in p.sources.iter().flatten() {
             if let Some(cm) = &source.config_map {
                 config_map_files(
@@ -176,7 +243,13 @@ async fn prepare_one<A: Api>(
             message: "volume type is not supported by this agent".into(),
         });
     }
-    write_files(name, &dir, &files)?;
+    for rel in files.keys() {
+        atomic::check_path(name, rel)?;
+    }
+    if in_memory {
+        ensure_tmpfs(mounter, name, &dir, None)?;
+    }
+    atomic::write_atomic(name, &dir, &files, mode)?;
     Ok(HostVolume {
         path: dir,
         read_only: true,
@@ -424,65 +497,90 @@ fn downward_files(
     Ok(())
 }
 
-/// Writes `files` under `dir`, each replaced atomically by rename; removes files no longer
-/// in the set. Paths must be relative and stay inside `dir`.
-fn write_files(
-    volume: &str,
-    dir: &Path,
-    files: &BTreeMap<String, Vec<u8>>,
-) -> Result<(), VolumeError> {
-    std::fs::create_dir_all(dir).map_err(io(volume, dir))?;
-    for (rel, content) in files {
-        let rel_path = Path::new(rel);
-        if rel.is_empty()
-            || !rel_path
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)))
-            || rel_path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(".."))
-        {
-            return Err(VolumeError::Invalid {
-                volume: volume.into(),
-                message: format!("file path {rel:?} must be relative and stay in the volume"),
-            });
-        }
-        let path = dir.join(rel_path);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io(volume, parent))?;
-        }
-        if std::fs::read(&path).is_ok_and(|old| &old == content) {
-            continue;
-        }
-        let tmp = path.with_file_name(format!(
-            "..tmp.{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        ));
-        std::fs::write(&tmp, content).map_err(io(volume, &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(volume, &path))?;
-    }
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let keep = files
-                .keys()
-                .any(|k| k == &name || k.starts_with(&format!("{name}/")));
-            if !keep && entry.file_type().is_ok_and(|t| t.is_file()) {
-                let _ = std::fs::remove_file(entry.path());
+/// Unmounts the pod's tmpfs volumes and removes its volume directories (hostPath volumes
+/// are not under it). Goes on after errors and reports the first; nothing is removed under
+/// a mount that would not go away, so a retry finds it again.
+pub fn cleanup(mounter: &dyn Mounter, pod_dir: &Path) -> Result<(), VolumeError> {
+    let root = pod_dir.join("volumes");
+    let mut first = None;
+    match mounter.mounts_under(&root) {
+        Ok(points) => {
+            for p in points {
+                if let Err(source) = mounter.unmount(&p) {
+                    first.get_or_insert(VolumeError::Io {
+                        volume: volume_of(&p),
+                        path: p.clone(),
+                        source,
+                    });
+                }
             }
         }
+        Err(source) => {
+            first.get_or_insert(VolumeError::Io {
+                volume: String::new(),
+                path: "/proc/self/mountinfo".into(),
+                source,
+            });
+        }
     }
-    Ok(())
-}
-
-/// Removes the pod's volume directories (hostPath volumes are not under it).
-pub fn cleanup(pod_dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(pod_dir.join("volumes")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+    if let Some(e) = first {
+        return Err(e);
+    }
+    match std::fs::remove_dir_all(&root) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VolumeError::Io {
+            volume: String::new(),
+            path: root,
+            source: e,
+        }),
         _ => Ok(()),
     }
+}
+
+/// The volume name of a path `.../volumes/<kind>/<name>[/...]`, for error messages.
+fn volume_of(path: &Path) -> String {
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts
+        .iter()
+        .position(|p| p == "volumes")
+        .and_then(|i| parts.get(i + 2))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The host path a `subPath` of `volume` names, made ready: a plain relative path that
+/// stays inside the volume even after following symlinks; created as a directory in a
+/// writable volume when missing, as upstream does.
+pub fn sub_path(name: &str, volume: &HostVolume, sub: &str) -> Result<PathBuf, VolumeError> {
+    let rel = Path::new(sub);
+    if sub.is_empty()
+        || !rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(VolumeError::Invalid {
+            volume: name.into(),
+            message: format!("subPath {sub:?} must be a relative path without '..'"),
+        });
+    }
+    let path = volume.path.join(rel);
+    if !volume.read_only && std::fs::symlink_metadata(&path).is_err() {
+        std::fs::create_dir_all(&path).map_err(io(name, &path))?;
+    }
+    let root = volume.path.canonicalize().map_err(io(name, &volume.path))?;
+    let real = path.canonicalize().map_err(io(name, &path))?;
+    if !real.starts_with(&root) {
+        return Err(VolumeError::Invalid {
+            volume: name.into(),
+            message: format!(
+                "subPath {sub:?} resolves to {} outside the volume",
+                real.display()
+            ),
+        });
+    }
+    Ok(real)
 }
 
 #[cfg(test)]

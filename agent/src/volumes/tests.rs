@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::*;
 use crate::api::fake::FakeApi;
+use std::path::Path;
 
 fn pod(volumes: Vec<Volume>) -> Pod {
     Pod {
@@ -50,6 +51,7 @@ fn config_map(data: &[(&str, &str)]) -> ConfigMap {
 async fn every_kind_is_made_ready_and_config_map_updates_reach_the_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let api = FakeApi::new();
+    let mounter = FakeMounter::default();
     api.insert(Some("ns"), &config_map(&[("a.conf", "one"), ("b", "x")]));
     api.insert(
         Some("ns"),
@@ -119,7 +121,9 @@ async fn every_kind_is_made_ready_and_config_map_updates_reach_the_files() {
         },
     ]);
     let pod_dir = dir.path().join("pod");
-    let v = prepare(&api, &p, &pod_dir).await.expect("prepare");
+    let v = prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect("prepare");
     assert!(v["scratch"].path.is_dir() && !v["scratch"].read_only);
     assert!(host_dir.is_dir());
     let conf = v["conf"].path.join("sub/a.conf");
@@ -135,10 +139,12 @@ async fn every_kind_is_made_ready_and_config_map_updates_reach_the_files() {
     );
 
     api.insert(Some("ns"), &config_map(&[("a.conf", "two"), ("b", "x")]));
-    prepare(&api, &p, &pod_dir).await.expect("prepare again");
+    prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect("prepare again");
     assert_eq!(std::fs::read_to_string(&conf).expect("conf"), "two");
 
-    cleanup(&pod_dir).expect("cleanup");
+    cleanup(&mounter, &pod_dir).expect("cleanup");
     assert!(!pod_dir.join("volumes").exists());
     assert!(host_dir.is_dir(), "hostPath contents are never removed");
 }
@@ -147,6 +153,7 @@ async fn every_kind_is_made_ready_and_config_map_updates_reach_the_files() {
 async fn bad_volumes_fail_with_specific_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let api = FakeApi::new();
+    let mounter = FakeMounter::default();
     api.insert(Some("ns"), &config_map(&[("k", "v")]));
     let cm = |items: Option<Vec<KeyToPath>>, name: &str, optional: Option<bool>| Volume {
         name: "v".into(),
@@ -203,10 +210,15 @@ async fn bad_volumes_fail_with_specific_errors() {
         ),
     ];
     for (volume, want) in cases {
-        let err = prepare(&api, &pod(vec![volume.clone()]), &dir.path().join("pod"))
-            .await
-            .expect_err(want)
-            .to_string();
+        let err = prepare(
+            &api,
+            &mounter,
+            &pod(vec![volume.clone()]),
+            &dir.path().join("pod"),
+        )
+        .await
+        .expect_err(want)
+        .to_string();
         assert!(
             err.contains(want) && err.starts_with("volume v"),
             "{err} lacks {want}"
@@ -218,9 +230,238 @@ async fn bad_volumes_fail_with_specific_errors() {
     );
     let ok = prepare(
         &api,
+        &mounter,
         &pod(vec![cm(None, "absent", Some(true))]),
         &dir.path().join("pod"),
     )
     .await;
     assert!(ok.is_ok(), "an optional missing configmap is fine: {ok:?}");
+}
+
+#[test]
+fn updates_swap_the_data_link_atomically_and_leave_one_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("v");
+    let files = |pairs: &[(&str, &str)]| -> BTreeMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    assert!(
+        atomic::write_atomic("v", &vol, &files(&[("a", "1"), ("d/b", "2")]), 0o600).expect("write")
+    );
+    let first = atomic::current_version(&vol).expect("version");
+    assert_eq!(
+        std::fs::read_link(vol.join("a")).expect("link"),
+        Path::new("..data/a")
+    );
+    assert_eq!(std::fs::read_to_string(vol.join("d/b")).expect("b"), "2");
+    let mode = std::fs::metadata(first.join("a"))
+        .expect("meta")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+
+    // The same content: nothing is rewritten.
+    assert!(
+        !atomic::write_atomic("v", &vol, &files(&[("a", "1"), ("d/b", "2")]), 0o600).expect("same")
+    );
+    assert_eq!(atomic::current_version(&vol), Some(first.clone()));
+
+    // A changed value and a removed key: one swap, the old version gone.
+    assert!(atomic::write_atomic("v", &vol, &files(&[("a", "one")]), 0o644).expect("update"));
+    let second = atomic::current_version(&vol).expect("version");
+    assert_ne!(second, first);
+    assert!(!first.exists(), "the old version is removed");
+    assert_eq!(std::fs::read_to_string(vol.join("a")).expect("a"), "one");
+    assert!(
+        std::fs::symlink_metadata(vol.join("d")).is_err(),
+        "removed key disappears"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&vol)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let stamp = second
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(names, [stamp, "..data".to_owned(), "a".to_owned()]);
+
+    // A bad path writes nothing at all.
+    let err = atomic::write_atomic("v", &vol, &files(&[("ok", "x"), ("..data", "y")]), 0o644)
+        .expect_err("reserved name");
+    assert!(err.to_string().contains("stay in the volume"), "{err}");
+    assert_eq!(atomic::current_version(&vol), Some(second));
+    assert!(std::fs::symlink_metadata(vol.join("ok")).is_err());
+}
+
+#[tokio::test]
+async fn secrets_projections_and_memory_empty_dirs_are_on_tmpfs_until_cleanup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    api.insert(
+        Some("ns"),
+        &Secret {
+            metadata: ObjectMeta {
+                name: Some("s".into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                "token".into(),
+                ByteString(b"t0".to_vec()),
+            )])),
+            ..Default::default()
+        },
+    );
+    let p = pod(vec![
+        Volume {
+            name: "creds".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some("s".into()),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                    "64Mi".into(),
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ]);
+    let pod_dir = dir.path().join("pod");
+    let v = prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect("prepare");
+    let creds = pod_dir.join("volumes/secret/creds");
+    let cache = pod_dir.join("volumes/empty-dir/cache");
+    assert_eq!(v["creds"].path, creds);
+    assert!(v["creds"].read_only && !v["cache"].read_only);
+    assert_eq!(
+        mounter.calls(),
+        [
+            format!("tmpfs {} -", creds.display()),
+            format!("tmpfs {} 67108864", cache.display()),
+        ]
+    );
+    let mode = std::fs::metadata(creds.join("token"))
+        .expect("token")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o400
+    );
+
+    // Syncing again mounts nothing twice; a changed secret is swapped in.
+    api.insert(
+        Some("ns"),
+        &Secret {
+            metadata: ObjectMeta {
+                name: Some("s".into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                "token".into(),
+                ByteString(b"t1".to_vec()),
+            )])),
+            ..Default::default()
+        },
+    );
+    prepare(&api, &mounter, &p, &pod_dir).await.expect("again");
+    assert_eq!(mounter.calls().len(), 2);
+    assert_eq!(std::fs::read(creds.join("token")).expect("token"), b"t1");
+
+    cleanup(&mounter, &pod_dir).expect("cleanup");
+    assert!(mounter.mounted().is_empty());
+    assert!(!pod_dir.join("volumes").exists());
+
+    let bad = |volume: Volume, want: &str| {
+        let api = &api;
+        let mounter = &mounter;
+        let pod_dir = &pod_dir;
+        let want = want.to_owned();
+        async move {
+            let err = prepare(api, mounter, &pod(vec![volume]), pod_dir)
+                .await
+                .expect_err(&want)
+                .to_string();
+            assert!(err.contains(&want), "{err} lacks {want}");
+        }
+    };
+    bad(
+        Volume {
+            name: "v".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("HugePages".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        "emptyDir medium \"HugePages\" is not supported",
+    )
+    .await;
+    bad(
+        Volume {
+            name: "v".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some("s".into()),
+                default_mode: Some(0o1777),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        "defaultMode 1023 is not between 0 and 0777",
+    )
+    .await;
+}
+
+#[test]
+fn sub_paths_stay_inside_their_volume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("vol");
+    std::fs::create_dir_all(&root).expect("vol");
+    std::os::unix::fs::symlink("/etc", root.join("out")).expect("symlink");
+    let writable = HostVolume {
+        path: root.clone(),
+        read_only: false,
+    };
+    let made = sub_path("v", &writable, "data/site").expect("created");
+    assert!(made.is_dir() && made.starts_with(root.canonicalize().expect("canon")));
+    for (bad, want) in [
+        ("../x", "without '..'"),
+        ("/abs", "without '..'"),
+        ("", "without '..'"),
+        ("out", "outside the volume"),
+        ("out/passwd", "outside the volume"),
+    ] {
+        let err = sub_path("v", &writable, bad).expect_err(bad).to_string();
+        assert!(
+            err.contains(want) && err.starts_with("volume v"),
+            "{bad}: {err}"
+        );
+    }
+    let read_only = HostVolume {
+        path: root,
+        read_only: true,
+    };
+    assert!(
+        sub_path("v", &read_only, "missing").is_err(),
+        "nothing made in a read-only volume"
+    );
 }
