@@ -192,7 +192,6 @@ fn enter(ns: &File) -> Result<()> {
 struct KernelFloor {
     host: OwnedFd,
     bridge: i32,
-    containers: Vec<Option<OwnedFd>>,
     seq: u32,
 }
 
@@ -236,11 +235,10 @@ impl Sample {
 }
 
 impl KernelFloor {
-    fn new(host: &File, bridge: &str, count: usize) -> Result<Self> {
+    fn new(host: &File, bridge: &str) -> Result<Self> {
         let mut me = Self {
             host: netlink_socket_in(host)?,
             bridge: 0,
-            containers: (0..count).map(|_| None).collect(),
             seq: 0,
         };
         let mut info = Vec::new();
@@ -324,10 +322,12 @@ impl KernelFloor {
         ))
     }
 
-    fn add(&mut self, i: usize, netns: &File) -> Result<Sample> {
-        let sock = netlink_socket_in(netns)?;
+    /// The sockets and namespace files are opened outside the timed requests and
+    /// closed again, so the benchmark holds no descriptor per namespace.
+    fn add(&mut self, i: usize, ns: &Ns) -> Result<Sample> {
+        let netns = File::open(&ns.path)?;
+        let sock = netlink_socket_in(&netns)?;
         let csock = sock.as_raw_fd();
-        self.containers[i] = Some(sock);
         let mut peer = ifinfomsg(0, false);
         put_attr(&mut peer, libc::IFLA_IFNAME, &cstr(b"eth0"));
         put_attr(
@@ -365,10 +365,8 @@ impl KernelFloor {
         Ok(total.plus(s))
     }
 
-    fn del(&mut self, i: usize) -> Result<Sample> {
-        let sock = self.containers[i]
-            .take()
-            .context("kernel floor DEL before ADD")?;
+    fn del(&mut self, ns: &Ns) -> Result<Sample> {
+        let sock = netlink_socket_in(&File::open(&ns.path)?)?;
         let mut body = ifinfomsg(0, false);
         put_attr(&mut body, libc::IFLA_IFNAME, &cstr(b"eth0"));
         Ok(self
@@ -530,17 +528,15 @@ fn main() -> Result<()> {
     );
     let host_ns = Ns::new(format!("cnibench-h{tag}"))?;
     let host = File::open(&host_ns.path)?;
-    let mut kernel = KernelFloor::new(&host, &format!("kfbr{tag}"), args.count)?;
+    let mut kernel = KernelFloor::new(&host, &format!("kfbr{tag}"))?;
     // One container namespace per sample and subject (the exec floor needs none, but
-    // a uniform layout keeps the loop simple).
-    let ctrs: Vec<Vec<(Ns, File)>> = (0..subjects.len())
+    // a uniform layout keeps the loop simple). No descriptors are kept open for them:
+    // every child would copy and close them all at exec, hundreds of them, and that
+    // cost would be billed to the plugins.
+    let ctrs: Vec<Vec<Ns>> = (0..subjects.len())
         .map(|k| {
             (0..args.count)
-                .map(|i| {
-                    let ns = Ns::new(format!("cnibench-{tag}-{k}-{i}"))?;
-                    let f = File::open(&ns.path)?;
-                    Ok((ns, f))
-                })
+                .map(|i| Ns::new(format!("cnibench-{tag}-{k}-{i}")))
                 .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<_>>()?;
@@ -562,12 +558,12 @@ fn main() -> Result<()> {
         for i in 0..args.count {
             let id = format!("c{i}");
             for ((subject, set), out) in subjects.iter().zip(&ctrs).zip(&mut samples) {
-                let (ns, ns_file) = &set[i];
+                let ns = &set[i];
                 let s = match subject {
                     Subject::Plugin(im) => im.invoke(command, &id, &ns.path)?,
                     Subject::IpFloor => ip_floor(command, i, ns)?,
-                    Subject::KernelFloor if command == "ADD" => kernel.add(i, ns_file)?,
-                    Subject::KernelFloor => kernel.del(i)?,
+                    Subject::KernelFloor if command == "ADD" => kernel.add(i, ns)?,
+                    Subject::KernelFloor => kernel.del(ns)?,
                     Subject::ExecFloor => exec_floor()?,
                 };
                 out[o].push(s);
