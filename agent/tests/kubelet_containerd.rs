@@ -15,6 +15,7 @@ use ferrolet::api::fake::FakeApi;
 use ferrolet::api::{Api as _, ListParams};
 use ferrolet::cni::Cni;
 use ferrolet::cri::{CriRuntime, Runtime};
+use ferrolet::pods::runtime_events::{ContainerEvents as _, CriEvents, is_unsupported};
 use ferrolet::pods::worker::Deps;
 use ferrolet::pods::{PodContext, PodManager};
 use ferrolet::volumes::HostMounter;
@@ -100,13 +101,16 @@ fn setup(dir: &Path) -> (Containerd, Bridge, String, PathBuf) {
     for alias in ["k8s.gcr.io/pause:3.6", "registry.k8s.io/pause:3.6"] {
         ctr(&containerd, &["images", "tag", PAUSE_IMAGE, alias]);
     }
+    // Tests of one process run in parallel: each gets its own bridge and subnet.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let k = NEXT.fetch_add(1, Ordering::Relaxed);
     let n = std::process::id() % 200 + 20;
-    let bridge = Bridge(format!("fl-t{}", std::process::id()));
-    let subnet = format!("10.{n}.7.0/24");
+    let bridge = Bridge(format!("fl-t{}-{k}", std::process::id()));
+    let subnet = format!("10.{n}.{}.0/24", 7 + k);
     let ipam_dir = dir.join("ipam");
     let conflist = serde_json::json!({
         "cniVersion": "0.4.0",
-        "name": format!("ferrolet-test-{}", std::process::id()),
+        "name": format!("ferrolet-test-{}-{k}", std::process::id()),
         "plugins": [{
             "type": "bridge",
             "bridge": bridge.0,
@@ -681,5 +685,56 @@ fn secret_and_memory_volumes_are_tmpfs_config_maps_update_and_sub_paths_mount() 
         sandboxes_gone(&runtime, &manager).await;
         assert!(tmpfs_mounts_under(&pod_dir).is_empty(), "tmpfs unmounted");
         assert!(!pod_dir.exists(), "pod dir removed");
+    });
+}
+
+#[test]
+fn without_containerd_events_the_workers_poll_and_still_see_exits() {
+    let cgroups = CgroupParent::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (containerd, _bridge, _subnet, _ipam) = setup(dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let runtime = Arc::new(
+            CriRuntime::connect(&containerd.socket)
+                .await
+                .expect("connect CRI"),
+        );
+        let events = Arc::new(
+            CriEvents::connect(&containerd.socket)
+                .await
+                .expect("connect CRI"),
+        );
+        // containerd 1.6 predates GetContainerEvents.
+        let Err(err) = events.subscribe().await else {
+            panic!("containerd 1.6 unexpectedly streams container events");
+        };
+        assert!(is_unsupported(&err), "{err}");
+        let api = Arc::new(FakeApi::new());
+        let manager = Arc::new(PodManager::new(deps(&api, &runtime, dir.path(), &cgroups)));
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            manager.clone().watch_runtime(events, shutdown),
+        )
+        .await
+        .expect("the watcher gives up on an unsupported stream");
+        assert!(!manager.event_driven());
+
+        // A container exiting is still noticed (by polling) and restarted.
+        let p = pod("polled", "sleep 1; exit 4", "OnFailure");
+        api.insert(Some("default"), &p);
+        manager.dispatch(p.clone());
+        let s = status_when(&api, "polled", "a restart", |s| {
+            main_status(s).restart_count >= 1
+        })
+        .await;
+        let last = main_status(&s)
+            .last_state
+            .and_then(|l| l.terminated)
+            .expect("last state");
+        assert_eq!(last.exit_code, 4);
+        manager.gone(p.metadata.uid.as_deref().unwrap_or_default());
+        sandboxes_gone(&runtime, &manager).await;
     });
 }

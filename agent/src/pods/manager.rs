@@ -3,12 +3,13 @@
 //! of pods that no longer exist (deleted while the agent was down).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use crate::api::{Api, ApiError, ListParams, WatchEvent};
@@ -16,12 +17,17 @@ use crate::cni::Network;
 use crate::cri::Runtime;
 
 use super::observed::labels;
+use super::runtime_events::{ContainerEvents, is_unsupported};
 use super::spec::managed_selector;
 use super::worker::{Deps, PodWorker, teardown};
 
 struct Handle {
     tx: watch::Sender<Option<Pod>>,
+    wake: Arc<Notify>,
 }
+
+/// How often event-driven workers look at their pod anyway (the safety net).
+pub const RELIST: Duration = Duration::from_secs(10);
 
 /// Runs one worker per pod of this node.
 pub struct PodManager<A, R, N> {
@@ -29,6 +35,9 @@ pub struct PodManager<A, R, N> {
     workers: Arc<Mutex<HashMap<String, Handle>>>,
     /// Pods already torn down; late events for them start nothing.
     done: Arc<Mutex<HashSet<String>>>,
+    /// True while the runtime's event stream is up.
+    event_driven: Arc<AtomicBool>,
+    relist: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -41,6 +50,85 @@ impl<A: Api, R: Runtime, N: Network> PodManager<A, R, N> {
             deps,
             workers: Arc::default(),
             done: Arc::default(),
+            event_driven: Arc::default(),
+            relist: RELIST,
+        }
+    }
+
+    /// Sets how often event-driven workers look on their own (tests make it long, to see
+    /// that events alone wake them).
+    pub fn with_relist(mut self, relist: Duration) -> Self {
+        self.relist = relist;
+        self
+    }
+
+    /// Whether the runtime's event stream is driving the workers now.
+    pub fn event_driven(&self) -> bool {
+        self.event_driven.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the worker of the pod with `uid` for a sync now.
+    pub fn wake(&self, uid: &str) {
+        if let Some(h) = lock(&self.workers).get(uid) {
+            h.wake.notify_one();
+        }
+    }
+
+    /// Wakes every worker.
+    pub fn wake_all(&self) {
+        for h in lock(&self.workers).values() {
+            h.wake.notify_one();
+        }
+    }
+
+    /// Follows the runtime's container events until shutdown, waking the worker of each
+    /// event's pod. Returns at once if the runtime has no event stream (workers poll
+    /// then); re-subscribes after errors, waking everyone so nothing missed is lost.
+    pub async fn watch_runtime<E: ContainerEvents>(
+        self: Arc<Self>,
+        source: Arc<E>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let mut stream = match source.subscribe().await {
+                Ok(s) => s,
+                Err(e) if is_unsupported(&e) => {
+                    info!("the runtime has no container event stream; pod workers poll");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "subscribing to runtime events failed; retrying");
+                    if wait_or_shutdown(&mut shutdown, Duration::from_secs(1)).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            info!("following the runtime's container events");
+            self.event_driven.store(true, Ordering::Relaxed);
+            self.wake_all();
+            loop {
+                let next = tokio::select! {
+                    n = stream.next() => n,
+                    _ = shutdown.changed() => return,
+                };
+                match next {
+                    Some(Ok(ev)) => match ev.pod_uid {
+                        Some(uid) => self.wake(&uid),
+                        None => self.wake_all(),
+                    },
+                    Some(Err(e)) => {
+                        warn!(error = %e, "runtime event stream failed");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.event_driven.store(false, Ordering::Relaxed);
+            self.wake_all();
         }
     }
 
@@ -63,8 +151,15 @@ impl<A: Api, R: Runtime, N: Network> PodManager<A, R, N> {
             return;
         }
         let (tx, rx) = watch::channel(Some(pod.clone()));
-        workers.insert(uid.clone(), Handle { tx });
-        let worker = PodWorker::new(self.deps.clone(), pod);
+        let mut worker = PodWorker::new(self.deps.clone(), pod);
+        worker.set_event_driven(self.event_driven.clone(), self.relist);
+        workers.insert(
+            uid.clone(),
+            Handle {
+                tx,
+                wake: worker.waker(),
+            },
+        );
         let all = self.workers.clone();
         let done = self.done.clone();
         tokio::spawn(async move {

@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod manager;
 pub mod observed;
 pub mod plan;
+pub mod runtime_events;
 pub mod spec;
 pub mod status;
 pub mod worker;

@@ -1107,3 +1107,240 @@ async fn deletion_runs_http_pre_stop_hooks_before_stopping_with_the_grace_left()
         rig.events.reasons()
     );
 }
+
+// ---- the runtime's event stream, and pods that never wait on each other ----
+
+use super::runtime_events::{ContainerEvent, ContainerEvents};
+use crate::cri::{CriError, ExecResult, Runtime, SandboxStatus};
+use ferrolet_cri::v1;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+
+/// Container events fed by the test; `None` answers as a runtime without the stream.
+struct FakeEvents {
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ContainerEvent>>>,
+}
+
+impl ContainerEvents for FakeEvents {
+    async fn subscribe(
+        &self,
+    ) -> Result<BoxStream<'static, Result<ContainerEvent, CriError>>, CriError> {
+        let rx = self.rx.lock().expect("lock").take();
+        match rx {
+            Some(rx) => Ok(tokio_stream_from(rx).map(Ok).boxed()),
+            None => Err(CriError::Call {
+                call: "GetContainerEvents",
+                target: String::new(),
+                code: tonic::Code::Unimplemented,
+                message: "unknown method GetContainerEvents".into(),
+            }),
+        }
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> BoxStream<'static, T> {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) }).boxed()
+}
+
+fn restart_count(rig: &Rig, name: &str) -> i32 {
+    rig.api
+        .object::<Pod>(Some("default"), name)
+        .and_then(|p| p.status)
+        .map_or(0, |s| first_status(&s).restart_count)
+}
+
+#[tokio::test]
+async fn runtime_events_wake_the_worker_that_otherwise_waits_for_the_relist() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("10.0.0.7")));
+    let manager =
+        Arc::new(super::PodManager::new(rig.deps.clone()).with_relist(Duration::from_secs(3600)));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let source = Arc::new(FakeEvents {
+        rx: std::sync::Mutex::new(Some(rx)),
+    });
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(manager.clone().watch_runtime(source, shutdown));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !manager.event_driven() {
+        assert!(std::time::Instant::now() < deadline, "stream never came up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let p = pod("evented", &[], &["a"], "Always");
+    run_until(&rig, &manager, &p, "running", |s, _| {
+        s.phase.as_deref() == Some("Running") && first_status(s).ready
+    })
+    .await;
+    rig.runtime.exit("a", 1);
+    // Only an event can wake the worker now (its own look is an hour away).
+    tx.send(ContainerEvent {
+        container_id: "whatever".into(),
+        pod_uid: Some("uid-evented".into()),
+    })
+    .expect("send");
+    run_until(&rig, &manager, &p, "restarted after the event", |s, _| {
+        first_status(s).restart_count == 1
+    })
+    .await;
+    assert_eq!(restart_count(&rig, "evented"), 1);
+}
+
+#[tokio::test]
+async fn without_an_event_stream_workers_keep_polling() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("10.0.0.7")));
+    let manager =
+        Arc::new(super::PodManager::new(rig.deps.clone()).with_relist(Duration::from_secs(3600)));
+    let source = Arc::new(FakeEvents {
+        rx: std::sync::Mutex::new(None),
+    });
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        manager.clone().watch_runtime(source, shutdown),
+    )
+    .await
+    .expect("an unsupported stream ends the watcher at once");
+    assert!(!manager.event_driven());
+    let p = pod("polled", &[], &["a"], "Always");
+    run_until(&rig, &manager, &p, "running", |s, _| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    rig.runtime.exit("a", 1);
+    run_until(&rig, &manager, &p, "restarted by polling", |s, _| {
+        first_status(s).restart_count == 1
+    })
+    .await;
+}
+
+/// The fake runtime, except that every call about pod `stuck` never returns.
+struct HungForOnePod(FakeRuntime);
+
+fn about_stuck(config: &v1::PodSandboxConfig) -> bool {
+    config.metadata.as_ref().is_some_and(|m| m.name == "stuck")
+}
+
+impl Runtime for HungForOnePod {
+    async fn version(&self) -> Result<v1::VersionResponse, CriError> {
+        self.0.version().await
+    }
+    async fn status(&self) -> Result<Vec<v1::RuntimeCondition>, CriError> {
+        self.0.status().await
+    }
+    async fn run_pod_sandbox(&self, config: v1::PodSandboxConfig) -> Result<String, CriError> {
+        if about_stuck(&config) {
+            std::future::pending::<()>().await;
+        }
+        self.0.run_pod_sandbox(config).await
+    }
+    async fn stop_pod_sandbox(&self, id: &str) -> Result<(), CriError> {
+        self.0.stop_pod_sandbox(id).await
+    }
+    async fn remove_pod_sandbox(&self, id: &str) -> Result<(), CriError> {
+        self.0.remove_pod_sandbox(id).await
+    }
+    async fn pod_sandbox_status(&self, id: &str) -> Result<Option<SandboxStatus>, CriError> {
+        self.0.pod_sandbox_status(id).await
+    }
+    async fn list_pod_sandboxes(
+        &self,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<v1::PodSandbox>, CriError> {
+        self.0.list_pod_sandboxes(labels).await
+    }
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: v1::ContainerConfig,
+        sandbox_config: v1::PodSandboxConfig,
+    ) -> Result<String, CriError> {
+        self.0
+            .create_container(sandbox_id, config, sandbox_config)
+            .await
+    }
+    async fn start_container(&self, id: &str) -> Result<(), CriError> {
+        self.0.start_container(id).await
+    }
+    async fn stop_container(&self, id: &str, timeout_seconds: i64) -> Result<(), CriError> {
+        self.0.stop_container(id, timeout_seconds).await
+    }
+    async fn remove_container(&self, id: &str) -> Result<(), CriError> {
+        self.0.remove_container(id).await
+    }
+    async fn list_containers(
+        &self,
+        sandbox_id: Option<&str>,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<v1::Container>, CriError> {
+        self.0.list_containers(sandbox_id, labels).await
+    }
+    async fn container_status(&self, id: &str) -> Result<Option<v1::ContainerStatus>, CriError> {
+        self.0.container_status(id).await
+    }
+    async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecResult, CriError> {
+        self.0.exec_sync(id, cmd, timeout).await
+    }
+    async fn image_status(&self, image: &str) -> Result<Option<v1::Image>, CriError> {
+        self.0.image_status(image).await
+    }
+    async fn pull_image(
+        &self,
+        image: &str,
+        sandbox_config: v1::PodSandboxConfig,
+    ) -> Result<String, CriError> {
+        self.0.pull_image(image, sandbox_config).await
+    }
+}
+
+#[tokio::test]
+async fn a_hung_runtime_call_for_one_pod_does_not_stall_the_others() {
+    let base = rig(FakeRuntime::default());
+    let runtime = Arc::new(HungForOnePod(FakeRuntime::new(&[IMAGE], Some("10.0.0.8"))));
+    let deps = Arc::new(Deps {
+        api: base.api.clone(),
+        runtime: runtime.clone(),
+        network: base.network.clone(),
+        ctx: base.deps.ctx.clone(),
+        cgroupfs: base.deps.cgroupfs.clone(),
+        events: base.events.clone(),
+        mounter: Arc::new(FakeMounter::default()),
+    });
+    let manager = super::PodManager::new(deps);
+    let stuck = pod("stuck", &[], &["a"], "Always");
+    base.api.insert(Some("default"), &stuck);
+    manager.dispatch(stuck);
+    let free = pod("free", &[], &["a"], "Always");
+    base.api.insert(Some("default"), &free);
+    manager.dispatch(free);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let phase = base
+            .api
+            .object::<Pod>(Some("default"), "free")
+            .and_then(|p| p.status)
+            .and_then(|s| s.phase);
+        if phase.as_deref() == Some("Running") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "free pod never ran while stuck hung: {:?}",
+            runtime.0.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        base.api
+            .object::<Pod>(Some("default"), "stuck")
+            .and_then(|p| p.status)
+            .is_none(),
+        "the hung pod reported nothing"
+    );
+    assert_eq!(manager.worker_count(), 2);
+}

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use ferrolet_cri::v1;
@@ -71,6 +72,10 @@ pub struct PodWorker<A, R, N> {
     /// Backoffs already reported as events, by container name and attempt, so a wait is
     /// reported once, not on every sync.
     reported_backoffs: HashSet<(String, u32)>,
+    /// True while the runtime's event stream wakes this worker: it then looks on its own
+    /// only every `relist`.
+    event_driven: Arc<AtomicBool>,
+    relist: Duration,
 }
 
 fn obs_from(status: &v1::ContainerStatus) -> ContainerObs {
@@ -163,6 +168,28 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             wake,
             events,
             reported_backoffs: HashSet::new(),
+            event_driven: Arc::default(),
+            relist: POLL,
+        }
+    }
+
+    /// What wakes this worker for a sync now (runtime events, probes).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// While `flag` is true the worker polls only every `relist` (events wake it).
+    pub fn set_event_driven(&mut self, flag: Arc<AtomicBool>, relist: Duration) {
+        self.event_driven = flag;
+        self.relist = relist;
+    }
+
+    /// How long to wait for a look on our own.
+    fn poll(&self) -> Duration {
+        if self.event_driven.load(Ordering::Relaxed) {
+            self.relist
+        } else {
+            POLL
         }
     }
 
@@ -591,7 +618,8 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
         if acted {
             return Ok(Duration::ZERO);
         }
-        Ok(plan.requeue_after.map_or(POLL, |r| r.min(POLL)))
+        let poll = self.poll();
+        Ok(plan.requeue_after.map_or(poll, |r| r.min(poll)))
     }
 
     /// Kills the containers whose liveness or startup probe failed; the plan then
