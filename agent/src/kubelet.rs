@@ -104,6 +104,18 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         cgroupfs: "/sys/fs/cgroup".into(),
     });
     let pods = Arc::new(PodManager::new(deps));
+    // Container exits wake their pod's worker when the runtime streams events.
+    let _events_task =
+        match crate::pods::runtime_events::CriEvents::connect(&config.runtime_socket()).await {
+            Ok(events) => Some(tokio::spawn(
+                pods.clone()
+                    .watch_runtime(Arc::new(events), shutdown.clone()),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "no runtime event stream; pod workers poll");
+                None
+            }
+        };
     let node_task = tokio::spawn(node.run(shutdown.clone()));
     let pods_task = tokio::spawn(pods.run(shutdown));
     let _ = node_task.await;
