@@ -2,6 +2,7 @@
 //! and routes. Every function works in the namespace the handle's socket was opened in.
 
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -28,6 +29,8 @@ pub enum NetlinkError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("{op}: {source}")]
+    Io { op: String, source: std::io::Error },
 }
 
 impl NetlinkError {
@@ -38,6 +41,7 @@ impl NetlinkError {
                 source: rtnetlink::Error::NetlinkError(m),
                 ..
             } => m.code.map(|c| -c.get()),
+            Self::Io { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }
@@ -301,6 +305,70 @@ pub async fn delete_link_by_name(h: &Handle, name: &str) -> Result<bool, Netlink
         Ok(()) => Ok(true),
         Err(e) if errno_of(&e) == Some(ENODEV) => Ok(false),
         Err(e) => Err(req(format!("deleting link {name}"))(e)),
+    }
+}
+
+/// [`delete_link_by_name`] over a plain blocking socket (see
+/// [`crate::netns::Netns::netlink_socket`]), for DEL, whose only netlink request this
+/// is: one message out, one acknowledgement back, without an async runtime, a
+/// connection task and a message parser to set up for it.
+pub fn delete_link_by_name_blocking(sock: &OwnedFd, name: &str) -> Result<bool, NetlinkError> {
+    const NLMSG_HDRLEN: usize = 16;
+    const IFINFOMSG_LEN: usize = 16;
+    let op = || format!("deleting link {name}");
+    let io = |source| NetlinkError::Io { op: op(), source };
+    // nlmsghdr, ifinfomsg (all zero: find the link by name), IFLA_IFNAME.
+    let attr_len = 4 + name.len() + 1;
+    let len = NLMSG_HDRLEN + IFINFOMSG_LEN + attr_len.next_multiple_of(4);
+    let seq: u32 = 1;
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(
+        &u32::try_from(len)
+            .map_err(|_| NetlinkError::Invalid(op()))?
+            .to_ne_bytes(),
+    );
+    msg.extend_from_slice(&libc::RTM_DELLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&seq.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&[0u8; IFINFOMSG_LEN]);
+    let attr_len16 = u16::try_from(attr_len).map_err(|_| NetlinkError::Invalid(op()))?;
+    msg.extend_from_slice(&attr_len16.to_ne_bytes());
+    msg.extend_from_slice(&libc::IFLA_IFNAME.to_ne_bytes());
+    msg.extend_from_slice(name.as_bytes());
+    msg.resize(len, 0);
+    let fd = sock.as_raw_fd();
+    // SAFETY: `msg` is valid for reads of `msg.len()` bytes.
+    if unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    let mut buf = [0u8; 1024];
+    loop {
+        // SAFETY: `buf` is valid for writes of its full length.
+        let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let got = usize::try_from(got).map_err(|_| io(std::io::Error::last_os_error()))?;
+        if got == 0 {
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let mut at = 0;
+        while at + NLMSG_HDRLEN + 4 <= got {
+            let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
+            let msg_len = u32::from_ne_bytes(word(at)) as usize;
+            let msg_type = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            let msg_seq = u32::from_ne_bytes(word(at + 8));
+            if msg_type == libc::NLMSG_ERROR as u16 && msg_seq == seq {
+                return match i32::from_ne_bytes(word(at + NLMSG_HDRLEN)) {
+                    0 => Ok(true),
+                    e if -e == ENODEV => Ok(false),
+                    e => Err(io(std::io::Error::from_raw_os_error(-e))),
+                };
+            }
+            if msg_len < NLMSG_HDRLEN {
+                break;
+            }
+            at += msg_len.next_multiple_of(4);
+        }
     }
 }
 

@@ -101,8 +101,9 @@ impl Netns {
         })
     }
 
-    /// A netlink route socket inside this namespace, opened on a dedicated thread.
-    fn netlink_socket(&self) -> Result<OwnedFd, NetnsError> {
+    /// A blocking netlink route socket inside this namespace, opened on a dedicated
+    /// thread.
+    pub fn netlink_socket(&self) -> Result<OwnedFd, NetnsError> {
         let runtime = |source| NetnsError::Runtime {
             path: self.path.clone(),
             source,

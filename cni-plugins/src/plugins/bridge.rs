@@ -412,10 +412,10 @@ impl Plugin for Bridge {
         let ifname = req.ifname.as_str();
         note(optional_netns(req).and_then(|ns| match ns {
             None => Ok(()),
-            Some(ns) => in_netns(&ns, |h| async move {
-                netlink::delete_link_by_name(&h, ifname).await?;
+            Some(ns) => {
+                netlink::delete_link_by_name_blocking(&ns.netlink_socket()?, ifname)?;
                 Ok(())
-            }),
+            }
         }));
         if conf.ip_masq {
             for v6 in [false, true] {
