@@ -93,3 +93,25 @@ impl Observed {
             .max_by_key(|c| (c.attempt, c.created_at))
     }
 }
+
+/// Exited attempts of each container beyond its newest `keep` attempts, oldest included:
+/// what garbage collection removes.
+pub fn dead_beyond(obs: &Observed, keep: usize) -> Vec<String> {
+    let mut by_name: std::collections::BTreeMap<&str, Vec<&ContainerObs>> =
+        std::collections::BTreeMap::new();
+    for c in &obs.containers {
+        by_name.entry(c.name.as_str()).or_default().push(c);
+    }
+    let mut out = Vec::new();
+    for attempts in by_name.values_mut() {
+        attempts.sort_by_key(|c| std::cmp::Reverse((c.attempt, c.created_at)));
+        out.extend(
+            attempts
+                .iter()
+                .skip(keep)
+                .filter(|c| c.state == RunState::Exited)
+                .map(|c| c.id.clone()),
+        );
+    }
+    out
+}

@@ -1344,3 +1344,59 @@ async fn a_hung_runtime_call_for_one_pod_does_not_stall_the_others() {
     );
     assert_eq!(manager.worker_count(), 2);
 }
+
+#[test]
+fn garbage_is_dead_attempts_beyond_the_newest_two_of_each_container() {
+    use RunState::{Exited, Running};
+    let obs = observed(vec![
+        obs_container("a", 0, Exited, 1),
+        obs_container("a", 1, Exited, 1),
+        obs_container("a", 2, Exited, 1),
+        obs_container("a", 3, Running, 0),
+        obs_container("b", 0, Exited, 0),
+        obs_container("b", 1, Exited, 2),
+        obs_container("c", 5, Running, 0),
+    ]);
+    let mut dead = super::observed::dead_beyond(&obs, 2);
+    dead.sort();
+    assert_eq!(dead, ["a-0", "a-1"]);
+    assert!(super::observed::dead_beyond(&obs, 10).is_empty());
+}
+
+#[tokio::test]
+async fn a_restarting_container_leaves_at_most_two_attempts_in_the_runtime() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], None));
+    let p = pod("gc", &[], &["a"], "Always");
+    rig.api.insert(Some("default"), &p);
+    let mut w = PodWorker::new(rig.deps.clone(), p);
+    settle(&mut w).await;
+    for round in 1..=3 {
+        rig.runtime.exit("a", 1);
+        // Backoff lets each restart through once its wait is over; the fake clock is real
+        // time, so restart the worker's view instead of waiting: a fresh worker has no
+        // backoff yet (as after an agent restart).
+        w = PodWorker::new(rig.deps.clone(), api_pod(&rig, "gc"));
+        settle(&mut w).await;
+        let attempts = rig
+            .runtime
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("CreateContainer a"))
+            .count();
+        assert_eq!(attempts, round + 1);
+    }
+    settle(&mut w).await;
+    let removed = rig
+        .runtime
+        .calls()
+        .iter()
+        .filter(|c| c.as_str() == "RemoveContainer a")
+        .count();
+    assert_eq!(
+        removed,
+        2,
+        "attempts 0 and 1 removed: {:?}",
+        rig.runtime.calls()
+    );
+    assert_eq!(rig.runtime.running(), ["a"]);
+}

@@ -35,6 +35,8 @@ use super::status::{self, StatusContext, Waiting, pod_status};
 pub const POLL: Duration = Duration::from_secs(2);
 /// How often a finished pod is looked at.
 const IDLE_POLL: Duration = Duration::from_secs(30);
+/// Attempts of one container kept in the runtime (newest first); older dead ones go.
+const KEEP_ATTEMPTS: usize = 2;
 /// How long a postStart hook may run.
 const POST_START_LIMIT: Duration = Duration::from_secs(30);
 
@@ -608,6 +610,7 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
         let mut waiting = self.held.clone();
         waiting.extend(plan.waiting.clone());
         self.report(&obs, &waiting).await?;
+        self.collect_garbage(&obs).await;
         if plan.finished {
             if let Some(sb) = obs.sandbox.as_ref().filter(|s| s.ready) {
                 info!(sandbox = %sb.id, "pod finished; stopping its sandbox");
@@ -662,6 +665,18 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
                 && !e.is_not_found()
             {
                 warn!(container = %kill.name, error = %e, "killing an unhealthy container failed");
+            }
+        }
+    }
+
+    /// Removes dead container attempts beyond the newest two of each name (the status
+    /// needs the last one; logs of the one before stay readable with `--previous`).
+    async fn collect_garbage(&self, obs: &Observed) {
+        for id in super::observed::dead_beyond(obs, KEEP_ATTEMPTS) {
+            match self.deps.runtime.remove_container(&id).await {
+                Ok(()) => debug!(container = %id, "removed a dead container"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => warn!(container = %id, error = %e, "removing a dead container failed"),
             }
         }
     }
