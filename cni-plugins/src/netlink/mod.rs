@@ -7,14 +7,16 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage};
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
-    RouteMessageBuilder,
+    AddressMessageBuilder, Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec,
+    LinkVeth, RouteMessageBuilder,
 };
 
 const ENODEV: i32 = libc::ENODEV;
@@ -308,68 +310,183 @@ pub async fn delete_link_by_name(h: &Handle, name: &str) -> Result<bool, Netlink
     }
 }
 
-/// [`delete_link_by_name`] over a plain blocking socket (see
-/// [`crate::netns::Netns::netlink_socket`]), for DEL, whose only netlink request this
-/// is: one message out, one acknowledgement back, without an async runtime, a
-/// connection task and a message parser to set up for it.
-pub fn delete_link_by_name_blocking(sock: &OwnedFd, name: &str) -> Result<bool, NetlinkError> {
-    const NLMSG_HDRLEN: usize = 16;
-    const IFINFOMSG_LEN: usize = 16;
-    let op = || format!("deleting link {name}");
-    let io = |source| NetlinkError::Io { op: op(), source };
-    // nlmsghdr, ifinfomsg (all zero: find the link by name), IFLA_IFNAME.
-    let attr_len = 4 + name.len() + 1;
-    let len = NLMSG_HDRLEN + IFINFOMSG_LEN + attr_len.next_multiple_of(4);
-    let seq: u32 = 1;
-    let mut msg = Vec::with_capacity(len);
-    msg.extend_from_slice(
-        &u32::try_from(len)
-            .map_err(|_| NetlinkError::Invalid(op()))?
-            .to_ne_bytes(),
-    );
-    msg.extend_from_slice(&libc::RTM_DELLINK.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-    msg.extend_from_slice(&flags.to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&[0u8; IFINFOMSG_LEN]);
-    let attr_len16 = u16::try_from(attr_len).map_err(|_| NetlinkError::Invalid(op()))?;
-    msg.extend_from_slice(&attr_len16.to_ne_bytes());
-    msg.extend_from_slice(&libc::IFLA_IFNAME.to_ne_bytes());
-    msg.extend_from_slice(name.as_bytes());
-    msg.resize(len, 0);
-    let fd = sock.as_raw_fd();
-    // SAFETY: `msg` is valid for reads of `msg.len()` bytes.
-    if unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(io(std::io::Error::last_os_error()));
+/// Netlink requests over a plain blocking socket (see
+/// [`crate::netns::Netns::netlink_socket`]), for the container-side steps of ADD and
+/// DEL: a few requests, each answered by one message, do not need an async runtime,
+/// a connection task and a response stream set up for them. The messages are built
+/// with the same builders as the async functions above, so they are byte for byte
+/// what those send.
+pub struct Blocking {
+    sock: OwnedFd,
+    seq: u32,
+}
+
+const NLMSG_HDRLEN: usize = 16;
+
+impl Blocking {
+    pub fn new(sock: OwnedFd) -> Self {
+        Self { sock, seq: 0 }
     }
-    let mut buf = [0u8; 1024];
-    loop {
-        // SAFETY: `buf` is valid for writes of its full length.
-        let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        let got = usize::try_from(got).map_err(|_| io(std::io::Error::last_os_error()))?;
-        if got == 0 {
-            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+
+    /// Sends `msg` with `flags` and returns the first answer to it: the reply
+    /// message, or the kernel's error code from an NLMSG_ERROR (0 for an ack).
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        op: &dyn Fn() -> String,
+    ) -> Result<Answer, NetlinkError> {
+        let io = |source| NetlinkError::Io { op: op(), source };
+        self.seq += 1;
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = flags;
+        req.header.sequence_number = self.seq;
+        req.finalize();
+        let mut out = vec![0u8; req.buffer_len()];
+        req.serialize(&mut out);
+        let fd = self.sock.as_raw_fd();
+        // SAFETY: `out` is valid for reads of `out.len()` bytes.
+        if unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), 0) } < 0 {
+            return Err(io(std::io::Error::last_os_error()));
         }
-        let mut at = 0;
-        while at + NLMSG_HDRLEN + 4 <= got {
-            let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
-            let msg_len = u32::from_ne_bytes(word(at)) as usize;
-            let msg_type = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            let msg_seq = u32::from_ne_bytes(word(at + 8));
-            if msg_type == libc::NLMSG_ERROR as u16 && msg_seq == seq {
-                return match i32::from_ne_bytes(word(at + NLMSG_HDRLEN)) {
-                    0 => Ok(true),
-                    e if -e == ENODEV => Ok(false),
-                    e => Err(io(std::io::Error::from_raw_os_error(-e))),
-                };
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            // SAFETY: `buf` is valid for writes of its full length.
+            let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let got = usize::try_from(got).map_err(|_| io(std::io::Error::last_os_error()))?;
+            if got == 0 {
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            if msg_len < NLMSG_HDRLEN {
-                break;
+            let mut at = 0;
+            while at + NLMSG_HDRLEN <= got {
+                let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
+                let len = u32::from_ne_bytes(word(at)) as usize;
+                if len < NLMSG_HDRLEN || at + len > got {
+                    return Err(NetlinkError::Invalid(format!(
+                        "{}: malformed netlink answer",
+                        op()
+                    )));
+                }
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                if u32::from_ne_bytes(word(at + 8)) == self.seq {
+                    if kind == libc::NLMSG_ERROR as u16 && len >= NLMSG_HDRLEN + 4 {
+                        return Ok(Answer::Code(-i32::from_ne_bytes(word(at + NLMSG_HDRLEN))));
+                    }
+                    return Ok(Answer::Message(buf[at..at + len].to_vec()));
+                }
+                at += len.next_multiple_of(4);
             }
-            at += msg_len.next_multiple_of(4);
         }
     }
+
+    /// Sends a request that is answered with an acknowledgement.
+    fn acked(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        extra_flags: u16,
+        op: &dyn Fn() -> String,
+    ) -> Result<(), NetlinkError> {
+        match self.request(msg, NLM_F_REQUEST | NLM_F_ACK | extra_flags, op)? {
+            Answer::Code(0) => Ok(()),
+            Answer::Code(e) => Err(NetlinkError::Io {
+                op: op(),
+                source: std::io::Error::from_raw_os_error(e),
+            }),
+            Answer::Message(_) => Err(NetlinkError::Invalid(format!(
+                "{}: expected an acknowledgement",
+                op()
+            ))),
+        }
+    }
+
+    /// The index of the link called `name`, or `None`.
+    pub fn link_index(&mut self, name: &str) -> Result<Option<u32>, NetlinkError> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let op = || format!("looking up link {name}");
+        match self.request(RouteNetlinkMessage::GetLink(m), NLM_F_REQUEST, &op)? {
+            Answer::Code(e) if e == ENODEV => Ok(None),
+            Answer::Code(e) => Err(NetlinkError::Io {
+                op: op(),
+                source: std::io::Error::from_raw_os_error(e),
+            }),
+            // struct ifinfomsg follows the header: family, pad, type, then the index.
+            Answer::Message(m) if m.len() >= NLMSG_HDRLEN + 8 => Ok(Some(u32::from_ne_bytes([
+                m[NLMSG_HDRLEN + 4],
+                m[NLMSG_HDRLEN + 5],
+                m[NLMSG_HDRLEN + 6],
+                m[NLMSG_HDRLEN + 7],
+            ]))),
+            Answer::Message(_) => Err(NetlinkError::Invalid(format!("{}: short answer", op()))),
+        }
+    }
+
+    /// As [`set_up`].
+    pub fn set_up(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let m = LinkUnspec::new_with_index(index).up().build();
+        self.acked(
+            RouteNetlinkMessage::SetLink(m),
+            NLM_F_EXCL | NLM_F_CREATE,
+            &|| format!("bringing up link #{index}"),
+        )
+    }
+
+    /// As [`add_address`].
+    pub fn add_address(&mut self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+        let mut m = match addr.addr() {
+            IpAddr::V4(a) => AddressMessageBuilder::<std::net::Ipv4Addr>::new()
+                .index(index)
+                .address(a, addr.prefix_len())
+                .build(),
+            IpAddr::V6(a) => AddressMessageBuilder::<std::net::Ipv6Addr>::new()
+                .index(index)
+                .address(a, addr.prefix_len())
+                .build(),
+        };
+        if addr.addr().is_ipv6() {
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        self.acked(
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_EXCL | NLM_F_CREATE,
+            &|| format!("adding address {addr} to #{index}"),
+        )
+    }
+
+    /// As [`add_route`].
+    pub fn add_route(
+        &mut self,
+        index: u32,
+        dst: IpNet,
+        gw: Option<IpAddr>,
+    ) -> Result<(), NetlinkError> {
+        let what = format!("adding route {dst} via {gw:?} dev #{index}");
+        let m = route_message(index, dst, gw)
+            .map_err(|e| NetlinkError::Invalid(format!("{what}: {e}")))?;
+        self.acked(
+            RouteNetlinkMessage::NewRoute(m),
+            NLM_F_EXCL | NLM_F_CREATE,
+            &|| what.clone(),
+        )
+    }
+
+    /// As [`delete_link_by_name`].
+    pub fn delete_link_by_name(&mut self, name: &str) -> Result<bool, NetlinkError> {
+        let m = LinkUnspec::new_with_name(name).build();
+        match self.acked(RouteNetlinkMessage::DelLink(m), 0, &|| {
+            format!("deleting link {name}")
+        }) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+enum Answer {
+    Code(i32),
+    Message(Vec<u8>),
 }
 
 /// Adds `addr` unless present; `Ok(false)` when it was already there.
@@ -503,18 +620,19 @@ pub async fn add_route(
     gw: Option<IpAddr>,
 ) -> Result<(), NetlinkError> {
     let what = format!("adding route {dst} via {gw:?} dev #{index}");
+    let m =
+        route_message(index, dst, gw).map_err(|e| NetlinkError::Invalid(format!("{what}: {e}")))?;
+    h.route().add(m).execute().await.map_err(req(what.clone()))
+}
+
+/// The route to `dst` out of link `index`, via `gw` when given.
+fn route_message(index: u32, dst: IpNet, gw: Option<IpAddr>) -> Result<RouteMessage, String> {
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst.network(), dst.prefix_len())
-        .map_err(|e| NetlinkError::Invalid(format!("{what}: {e}")))?
+        .map_err(|e| e.to_string())?
         .output_interface(index);
     if let Some(gw) = gw {
-        b = b
-            .gateway(gw)
-            .map_err(|e| NetlinkError::Invalid(format!("{what}: {e}")))?;
+        b = b.gateway(gw).map_err(|e| e.to_string())?;
     }
-    h.route()
-        .add(b.build())
-        .execute()
-        .await
-        .map_err(req(what.clone()))
+    Ok(b.build())
 }

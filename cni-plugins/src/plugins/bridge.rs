@@ -310,25 +310,23 @@ fn add(
     // Container side: addresses and routes.
     let ifname = req.ifname.as_str();
     let routes_ref = &routes;
-    in_netns(&ns, |h| async move {
-        let link = netlink::link_by_name(&h, ifname)
-            .await?
-            .ok_or_else(|| CniError::msg(ErrorCode::Internal, "container veth vanished"))?;
-        netlink::set_up(&h, link.index).await?;
-        for ip in ips {
-            netlink::add_address(&h, link.index, ip.address).await?;
-        }
-        for r in routes_ref {
-            let v4 = r.dst.addr().is_ipv4();
-            let gw = r.gw.or_else(|| {
-                ips.iter()
-                    .find(|i| i.address.addr().is_ipv4() == v4)
-                    .and_then(|i| i.gateway)
-            });
-            netlink::add_route(&h, link.index, r.dst, gw).await?;
-        }
-        Ok(())
-    })?;
+    let mut nl = netlink::Blocking::new(ns.netlink_socket()?);
+    let index = nl
+        .link_index(ifname)?
+        .ok_or_else(|| CniError::msg(ErrorCode::Internal, "container veth vanished"))?;
+    nl.set_up(index)?;
+    for ip in ips {
+        nl.add_address(index, ip.address)?;
+    }
+    for r in routes_ref {
+        let v4 = r.dst.addr().is_ipv4();
+        let gw = r.gw.or_else(|| {
+            ips.iter()
+                .find(|i| i.address.addr().is_ipv4() == v4)
+                .and_then(|i| i.gateway)
+        });
+        nl.add_route(index, r.dst, gw)?;
+    }
     let container_mac = netlink::format_mac(&container_mac);
     tracing::debug!("container addresses and routes set");
 
@@ -413,7 +411,7 @@ impl Plugin for Bridge {
         note(optional_netns(req).and_then(|ns| match ns {
             None => Ok(()),
             Some(ns) => {
-                netlink::delete_link_by_name_blocking(&ns.netlink_socket()?, ifname)?;
+                netlink::Blocking::new(ns.netlink_socket()?).delete_link_by_name(ifname)?;
                 Ok(())
             }
         }));
