@@ -3,8 +3,9 @@
 //! The crate is organised by concern: `container` turns an OCI runtime spec into a running
 //! process (through `namespaces`, `mounts` and `cgroups`), `monitor` is the small process
 //! that parents each container, keeps its logs (`logs`) and records its exit, `exec` runs
-//! extra processes in a container, `image` stores, imports and pulls images, and `cri`
-//! serves all of it as CRI `runtime.v1` on a unix socket.
+//! extra processes in a container, `image` stores, imports and pulls images, `cri`
+//! serves all of it as CRI `runtime.v1` on a unix socket, and `streaming` serves the
+//! WebSocket sessions behind CRI Exec.
 
 pub mod cgroups;
 pub mod container;
@@ -15,3 +16,4 @@ pub mod logs;
 pub mod monitor;
 pub mod mounts;
 pub mod namespaces;
+pub mod streaming;

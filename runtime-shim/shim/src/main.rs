@@ -35,6 +35,9 @@ enum Command {
         /// (default: `ferrolet-pause` beside this executable, if present).
         #[arg(long)]
         pause_binary: Option<PathBuf>,
+        /// Address of the streaming server that Exec URLs point to (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        stream_address: std::net::SocketAddr,
     },
     /// Image store commands.
     Images {
@@ -47,6 +50,9 @@ enum Command {
         /// Pid of the container's init process.
         #[arg(long)]
         pid: u32,
+        /// Make the terminal on stdin the command's controlling terminal.
+        #[arg(long)]
+        tty: bool,
         /// The container's state directory.
         dir: PathBuf,
         /// The command and its arguments.
@@ -102,8 +108,13 @@ fn init_tracing() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Exec { pid, dir, args } => {
-            std::process::exit(ferrolet_shim::exec::main(pid, &dir, &args));
+        Command::Exec {
+            pid,
+            tty,
+            dir,
+            args,
+        } => {
+            std::process::exit(ferrolet_shim::exec::main(pid, &dir, &args, tty));
         }
         Command::Serve {
             socket,
@@ -111,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             cgroup_parent,
             pause_image,
             pause_binary,
+            stream_address,
         } => {
             init_tracing();
             let exe = std::env::current_exe().context("find own executable")?;
@@ -118,13 +130,17 @@ fn main() -> anyhow::Result<()> {
                 let beside = exe.with_file_name("ferrolet-pause");
                 beside.exists().then_some(beside)
             });
+            let lean = exe.with_file_name("ferrolet-monitor");
+            let monitor_exe = if lean.exists() { lean } else { exe.clone() };
             let shim = ferrolet_shim::cri::Shim::open(ferrolet_shim::cri::ShimConfig {
                 root,
                 exe,
+                monitor_exe,
                 cgroups: ferrolet_shim::cgroups::CgroupDriver::detect(),
                 cgroup_parent,
                 pause_image,
                 pause_binary,
+                stream_address,
             })?;
             let rt = tokio::runtime::Runtime::new().context("start tokio")?;
             rt.block_on(async move {

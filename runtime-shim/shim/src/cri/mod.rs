@@ -95,14 +95,19 @@ fn internal(what: &str) -> impl FnOnce(std::io::Error) -> CriError {
 pub struct ShimConfig {
     /// State directory (containers, sandboxes, images, network namespaces).
     pub root: PathBuf,
-    /// The binary to re-exec as monitor and exec helper (normally the shim itself).
+    /// The binary to re-exec as exec helper (normally the shim itself).
     pub exe: PathBuf,
+    /// The binary run as each container's monitor with `monitor DIR`: the lean
+    /// `ferrolet-monitor`, or the shim itself.
+    pub monitor_exe: PathBuf,
     pub cgroups: CgroupDriver,
     /// Parent cgroup of pods that do not name one.
     pub cgroup_parent: String,
     pub pause_image: String,
     /// The static pause binary the pause image is built from when missing.
     pub pause_binary: Option<PathBuf>,
+    /// Where the streaming server (Exec URLs) listens; loopback, port 0 for any.
+    pub stream_address: std::net::SocketAddr,
 }
 
 /// A 64-hex-digit random id.
@@ -151,7 +156,7 @@ fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, Str
 impl Shim {
     /// Opens the state under `cfg.root` and recovers sandboxes and containers from it.
     pub fn open(cfg: ShimConfig) -> Result<Arc<Shim>, CriError> {
-        let runtime = Runtime::new(&cfg.root, &cfg.exe, cfg.cgroups.clone())?;
+        let runtime = Runtime::new(&cfg.root, &cfg.monitor_exe, cfg.cgroups.clone())?;
         let images = Arc::new(ImageStore::open(cfg.root.join("images"))?);
         let sandboxes: HashMap<String, SandboxRecord> =
             records::load_all::<SandboxRecord>(&cfg.root.join("cri/sandboxes"))
@@ -1034,6 +1039,74 @@ impl Shim {
         self.list_containers(cf.as_ref())
             .into_iter()
             .filter_map(|c| self.container_stats(&c.id).ok())
+            .collect()
+    }
+
+    /// PodSandboxStats: the pod cgroup's usage (pids.current counts every process of the
+    /// pod, pause included) and the stats of each of its containers.
+    pub fn pod_sandbox_stats(&self, id: &str) -> Result<v1::PodSandboxStats, CriError> {
+        let rec = self.sandbox(id)?;
+        let st = self
+            .cfg
+            .cgroups
+            .open()
+            .stats(&rec.cgroup)
+            .unwrap_or_default();
+        let now = container::now_ns();
+        let containers = self
+            .containers_of(&rec.id)
+            .iter()
+            .filter_map(|c| self.container_stats(c).ok())
+            .collect();
+        Ok(v1::PodSandboxStats {
+            attributes: Some(v1::PodSandboxAttributes {
+                id: rec.id.clone(),
+                metadata: Some(rec.metadata()),
+                labels: rec.labels.clone(),
+                annotations: rec.annotations.clone(),
+            }),
+            linux: Some(v1::LinuxPodSandboxStats {
+                cpu: Some(v1::CpuUsage {
+                    timestamp: now,
+                    usage_core_nano_seconds: Some(v1::UInt64Value {
+                        value: st.cpu_usage_ns,
+                    }),
+                    ..Default::default()
+                }),
+                memory: Some(v1::MemoryUsage {
+                    timestamp: now,
+                    working_set_bytes: Some(v1::UInt64Value {
+                        value: st.memory_working_set,
+                    }),
+                    usage_bytes: Some(v1::UInt64Value {
+                        value: st.memory_usage,
+                    }),
+                    ..Default::default()
+                }),
+                process: Some(v1::ProcessUsage {
+                    timestamp: now,
+                    process_count: Some(v1::UInt64Value { value: st.pids }),
+                }),
+                containers,
+                ..Default::default()
+            }),
+            windows: None,
+        })
+    }
+
+    /// ListPodSandboxStats with an id prefix and label filter.
+    pub fn list_pod_sandbox_stats(
+        &self,
+        filter: Option<&v1::PodSandboxStatsFilter>,
+    ) -> Vec<v1::PodSandboxStats> {
+        let pf = filter.map(|f| v1::PodSandboxFilter {
+            id: f.id.clone(),
+            state: None,
+            label_selector: f.label_selector.clone(),
+        });
+        self.list_pod_sandbox(pf.as_ref())
+            .into_iter()
+            .filter_map(|p| self.pod_sandbox_stats(&p.id).ok())
             .collect()
     }
 

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::{CriError, Shim};
 use crate::container::process_start_time;
+use crate::streaming::{ExecSession, StreamError, StreamServer};
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 type EventStream = tonic::codegen::BoxStream<v1::ContainerEventResponse>;
@@ -30,6 +31,8 @@ pub enum ServeError {
     },
     #[error("serve: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Streaming(#[from] StreamError),
 }
 
 async fn blocking<T: Send + 'static>(
@@ -45,11 +48,12 @@ async fn blocking<T: Send + 'static>(
 #[derive(Debug, Clone)]
 pub struct CriService {
     shim: Arc<Shim>,
+    streaming: Arc<StreamServer>,
 }
 
 impl CriService {
-    pub fn new(shim: Arc<Shim>) -> Self {
-        CriService { shim }
+    pub fn new(shim: Arc<Shim>, streaming: Arc<StreamServer>) -> Self {
+        CriService { shim, streaming }
     }
 
     /// Watches a started container's monitor and reports its exit as an event.
@@ -303,10 +307,64 @@ impl RuntimeService for CriService {
         Ok(Response::new(out))
     }
 
-    async fn exec(&self, _req: Request<v1::ExecRequest>) -> Result<v1::ExecResponse> {
+    async fn exec(&self, req: Request<v1::ExecRequest>) -> Result<v1::ExecResponse> {
+        let r = req.into_inner();
+        let id = str_req(&r.container_id, "container_id")?;
+        if r.cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd is required"));
+        }
+        if !(r.stdin || r.stdout || r.stderr) {
+            return Err(Status::invalid_argument(
+                "one of stdin, stdout and stderr must be true",
+            ));
+        }
+        if r.tty && r.stderr {
+            return Err(Status::invalid_argument(
+                "tty and stderr cannot both be true: a terminal merges stderr into stdout",
+            ));
+        }
+        let shim = self.shim.clone();
+        let (pid, dir) = blocking(move || shim.exec_target(&id)).await?;
+        let url = self.streaming.register_exec(ExecSession {
+            container_id: r.container_id,
+            pid,
+            dir,
+            cmd: r.cmd,
+            tty: r.tty,
+            stdin: r.stdin,
+            stdout: r.stdout,
+            stderr: r.stderr,
+        });
+        Ok(Response::new(v1::ExecResponse { url }))
+    }
+
+    async fn attach(&self, _req: Request<v1::AttachRequest>) -> Result<v1::AttachResponse> {
         Err(Status::unimplemented(
-            "Exec streaming is not implemented by ferrolet-shim; use ExecSync",
+            "Attach is not implemented by ferrolet-shim: containers run with stdin closed and \
+             their output goes to the CRI log; use Exec",
         ))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Request<v1::PodSandboxStatsRequest>,
+    ) -> Result<v1::PodSandboxStatsResponse> {
+        let id = str_req(&req.into_inner().pod_sandbox_id, "pod_sandbox_id")?;
+        let shim = self.shim.clone();
+        let stats = blocking(move || shim.pod_sandbox_stats(&id)).await?;
+        Ok(Response::new(v1::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        req: Request<v1::ListPodSandboxStatsRequest>,
+    ) -> Result<v1::ListPodSandboxStatsResponse> {
+        let shim = self.shim.clone();
+        let filter = req.into_inner().filter;
+        let stats = blocking(move || Ok(shim.list_pod_sandbox_stats(filter.as_ref()))).await?;
+        Ok(Response::new(v1::ListPodSandboxStatsResponse { stats }))
     }
 
     async fn container_stats(
@@ -604,7 +662,9 @@ pub async fn serve(
         path: socket.to_path_buf(),
         source,
     })?;
-    let svc = CriService::new(shim.clone());
+    let streaming =
+        StreamServer::bind(shim.config().stream_address, shim.config().exe.clone()).await?;
+    let svc = CriService::new(shim.clone(), streaming);
     let running = {
         let s = shim.clone();
         tokio::task::spawn_blocking(move || s.running_containers())

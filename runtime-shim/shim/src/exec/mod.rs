@@ -14,9 +14,10 @@ use crate::monitor::{CONFIG_FILE, MonitorConfig};
 /// Exit code of the helper when it cannot set the command up (like `docker exec`).
 pub const SETUP_FAILED: i32 = 126;
 
-/// Entry point of `ferrolet-shim exec --pid PID DIR -- ARGS`; returns the exit code.
-pub fn main(pid: u32, dir: &Path, args: &[String]) -> i32 {
-    match run(pid, dir, args) {
+/// Entry point of `ferrolet-shim exec --pid PID [--tty] DIR -- ARGS`; returns the exit code.
+/// With `tty` the helper's stdin is a terminal that becomes the command's controlling one.
+pub fn main(pid: u32, dir: &Path, args: &[String], tty: bool) -> i32 {
+    match run(pid, dir, args, tty) {
         Ok(code) => code,
         Err(msg) => {
             eprintln!("ferrolet-shim exec: {msg}");
@@ -25,7 +26,7 @@ pub fn main(pid: u32, dir: &Path, args: &[String]) -> i32 {
     }
 }
 
-fn run(pid: u32, dir: &Path, args: &[String]) -> Result<i32, String> {
+fn run(pid: u32, dir: &Path, args: &[String], tty: bool) -> Result<i32, String> {
     let data = std::fs::read(dir.join(CONFIG_FILE))
         .map_err(|e| format!("read {}: {e}", dir.join(CONFIG_FILE).display()))?;
     let cfg: MonitorConfig =
@@ -57,6 +58,13 @@ fn run(pid: u32, dir: &Path, args: &[String]) -> Result<i32, String> {
     // SAFETY: this helper is single-threaded, so the child is a consistent copy.
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         nix::unistd::ForkResult::Child => {
+            if tty {
+                // A session of its own with the terminal as controlling terminal, so that
+                // job control and ^C reach the command.
+                let _ = nix::unistd::setsid();
+                // SAFETY: TIOCSCTTY takes an integer argument and touches no memory.
+                unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+            }
             let Err(e) = init::exec_process(&cfg.plan, args);
             eprintln!("ferrolet-shim exec: {e}");
             let code = if matches!(e, init::InitError::NotInPath(_)) {

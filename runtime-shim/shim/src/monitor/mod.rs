@@ -138,13 +138,14 @@ fn sys(op: &'static str) -> impl FnOnce(nix::Error) -> MonitorError {
 
 /// Writes `content` to `dir/name` through a temporary file and a rename, so readers never
 /// see half a file.
+///
+/// No fsync: this state must survive the shim or a monitor being killed, which the page
+/// cache does; after a crash of the host no container survives either, and the records
+/// are reconciled against what runs. An fsync per write cost milliseconds on every pod
+/// start and stop.
 pub fn write_atomic(dir: &Path, name: &str, content: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(content)?;
-        f.sync_all()?;
-    }
+    std::fs::write(&tmp, content)?;
     std::fs::rename(&tmp, dir.join(name))
 }
 
