@@ -19,6 +19,7 @@ use crate::cri::Runtime;
 use super::observed::labels;
 use super::runtime_events::{ContainerEvents, is_unsupported};
 use super::spec::managed_selector;
+use super::static_pods;
 use super::worker::{Deps, PodWorker, teardown};
 
 struct Handle {
@@ -38,6 +39,8 @@ pub struct PodManager<A, R, N> {
     /// True while the runtime's event stream is up.
     event_driven: Arc<AtomicBool>,
     relist: Duration,
+    /// Static pods running now (they are not in the API's list): namespace and name by uid.
+    static_uids: Arc<Mutex<HashMap<String, (String, String)>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -52,6 +55,140 @@ impl<A: Api, R: Runtime, N: Network> PodManager<A, R, N> {
             done: Arc::default(),
             event_driven: Arc::default(),
             relist: RELIST,
+            static_uids: Arc::default(),
+        }
+    }
+
+    /// Runs the static pods of `dir` until shutdown: re-reads it every `period`, starts
+    /// new manifests, tears down pods whose manifest changed or went away, and keeps a
+    /// mirror pod in the API for each.
+    pub async fn run_static(
+        self: Arc<Self>,
+        dir: std::path::PathBuf,
+        period: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            self.sync_static(&dir).await;
+            if wait_or_shutdown(&mut shutdown, period).await {
+                return;
+            }
+        }
+    }
+
+    /// One pass of [`run_static`](Self::run_static).
+    pub async fn sync_static(&self, dir: &std::path::Path) {
+        let (pods, errors) = static_pods::load_dir(dir, &self.deps.ctx.node_name);
+        for e in errors {
+            warn!(error = %e, "static pod manifest skipped");
+        }
+        let now: HashMap<String, (String, String)> = pods
+            .iter()
+            .map(|p| {
+                let key = super::PodKey::of(p);
+                (key.uid, (key.namespace, key.name))
+            })
+            .collect();
+        let before = std::mem::replace(&mut *lock(&self.static_uids), now.clone());
+        let names: HashSet<&(String, String)> = now.values().collect();
+        for (uid, name) in &before {
+            if now.contains_key(uid) {
+                continue;
+            }
+            info!(uid = %uid, "static pod manifest gone or changed; tearing the pod down");
+            self.gone(uid);
+            if !names.contains(name) {
+                self.delete_mirror(&name.0, &name.1).await;
+            }
+        }
+        for pod in pods {
+            let key = super::PodKey::of(&pod);
+            self.ensure_mirror(&pod).await;
+            // A manifest put back after its pod was torn down runs again.
+            if !lock(&self.workers).contains_key(&key.uid) {
+                lock(&self.done).remove(&key.uid);
+            }
+            self.dispatch(pod);
+        }
+        // Mirrors of pods no longer in the dir (left by an earlier run) go away.
+        let Ok(list) = self
+            .deps
+            .api
+            .list::<Pod>(
+                None,
+                &ListParams::fields(format!("spec.nodeName={}", self.deps.ctx.node_name)),
+            )
+            .await
+        else {
+            return;
+        };
+        for m in list.items.iter().filter(|p| static_pods::is_mirror(p)) {
+            let key = super::PodKey::of(m);
+            if !names.contains(&(key.namespace.clone(), key.name.clone())) {
+                self.delete_mirror(&key.namespace, &key.name).await;
+            }
+        }
+    }
+
+    async fn delete_mirror(&self, namespace: &str, name: &str) {
+        let params = crate::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            uid: None,
+        };
+        match self
+            .deps
+            .api
+            .delete::<Pod>(Some(namespace), name, &params)
+            .await
+        {
+            Ok(()) => info!(pod = %name, "mirror pod deleted"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => warn!(pod = %name, error = %e, "deleting a mirror pod failed"),
+        }
+    }
+
+    /// Creates the mirror of static pod `pod`, replacing one of an older manifest.
+    async fn ensure_mirror(&self, pod: &Pod) {
+        let key = super::PodKey::of(pod);
+        let hash = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(static_pods::HASH))
+            .cloned();
+        match self
+            .deps
+            .api
+            .get::<Pod>(Some(&key.namespace), &key.name)
+            .await
+        {
+            Ok(Some(existing)) => {
+                let same = existing
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(static_pods::MIRROR))
+                    .cloned()
+                    == hash;
+                if same {
+                    return;
+                }
+                self.delete_mirror(&key.namespace, &key.name).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(pod = %key, error = %e, "looking up a mirror pod failed");
+                return;
+            }
+        }
+        match self
+            .deps
+            .api
+            .create(Some(&key.namespace), &static_pods::mirror_of(pod))
+            .await
+        {
+            Ok(_) => info!(pod = %key, "mirror pod created"),
+            Err(e) => warn!(pod = %key, error = %e, "creating a mirror pod failed"),
         }
     }
 
@@ -142,6 +279,10 @@ impl<A: Api, R: Runtime, N: Network> PodManager<A, R, N> {
         let Some(uid) = pod.metadata.uid.clone() else {
             return;
         };
+        // A mirror stands for a static pod that runs from its manifest.
+        if static_pods::is_mirror(&pod) {
+            return;
+        }
         if lock(&self.done).contains(&uid) {
             return;
         }
@@ -266,11 +407,12 @@ impl<A: Api, R: Runtime, N: Network> PodManager<A, R, N> {
 
     async fn relist(&self, params: &ListParams) -> Result<String, ApiError> {
         let list = self.deps.api.list::<Pod>(None, params).await?;
-        let known: HashSet<String> = list
+        let mut known: HashSet<String> = list
             .items
             .iter()
             .filter_map(|p| p.metadata.uid.clone())
             .collect();
+        known.extend(lock(&self.static_uids).keys().cloned());
         let stale: Vec<String> = lock(&self.workers)
             .keys()
             .filter(|uid| !known.contains(*uid))

@@ -11,6 +11,7 @@ pub mod observed;
 pub mod plan;
 pub mod runtime_events;
 pub mod spec;
+pub mod static_pods;
 pub mod status;
 pub mod worker;
 

@@ -1400,3 +1400,138 @@ async fn a_restarting_container_leaves_at_most_two_attempts_in_the_runtime() {
     );
     assert_eq!(rig.runtime.running(), ["a"]);
 }
+
+// ---- static pods ----
+
+use super::static_pods;
+
+const MANIFEST: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  containers:
+  - name: a
+    image: ferrolet.local/busybox:1
+";
+
+#[test]
+fn manifests_become_node_named_static_pods_and_bad_ones_say_why() {
+    let path = std::path::Path::new("/etc/ferrolet/manifests/web.yaml");
+    let p = static_pods::from_manifest(path, MANIFEST, "node-a").expect("pod");
+    assert_eq!(p.metadata.name.as_deref(), Some("web-node-a"));
+    assert_eq!(p.metadata.namespace.as_deref(), Some("default"));
+    let uid = p.metadata.uid.clone().expect("uid");
+    assert_eq!(uid.len(), 32);
+    assert!(static_pods::is_static(&p) && !static_pods::is_mirror(&p));
+    assert_eq!(spec_of(&p).node_name.as_deref(), Some("node-a"));
+    let again = static_pods::from_manifest(path, MANIFEST, "node-a").expect("pod");
+    assert_eq!(
+        again.metadata.uid,
+        Some(uid.clone()),
+        "same manifest, same uid"
+    );
+    let changed =
+        static_pods::from_manifest(path, &MANIFEST.replace("busybox:1", "busybox:2"), "node-a")
+            .expect("pod");
+    assert_ne!(changed.metadata.uid, Some(uid.clone()));
+    let mirror = static_pods::mirror_of(&p);
+    assert!(static_pods::is_mirror(&mirror));
+    assert_eq!(mirror.metadata.uid, None);
+
+    for (text, want) in [
+        (
+            "kind: Deployment\nmetadata: {name: x}\n",
+            "kind is Some(\"Deployment\")",
+        ),
+        ("{{{", "not YAML or JSON"),
+        (
+            "kind: Pod\nspec: {containers: [{name: a}]}\n",
+            "metadata.name is missing",
+        ),
+        (
+            "kind: Pod\nmetadata: {name: x}\nspec: {containers: []}\n",
+            "spec.containers is empty",
+        ),
+        ("kind: Pod\nmetadata: {name: 7}\nspec: 3\n", "not a Pod"),
+    ] {
+        let err = static_pods::from_manifest(path, text, "node-a")
+            .expect_err(want)
+            .to_string();
+        assert!(
+            err.contains(want) && err.contains("/etc/ferrolet/manifests/web.yaml"),
+            "{err} lacks {want}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn static_pods_run_from_the_dir_with_a_mirror_that_carries_their_status() {
+    let rig = rig(FakeRuntime::new(&[IMAGE], Some("10.0.0.9")));
+    let manager = super::PodManager::new(rig.deps.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("web.yaml"), MANIFEST).expect("manifest");
+    std::fs::write(dir.path().join("broken.yaml"), "kind: Service\n").expect("manifest");
+    std::fs::write(dir.path().join("notes.txt"), "not a manifest").expect("file");
+    manager.sync_static(dir.path()).await;
+    assert_eq!(
+        manager.worker_count(),
+        1,
+        "one pod; the broken manifest is skipped"
+    );
+    let mirror = rig
+        .api
+        .object::<Pod>(Some("default"), "web-node-a")
+        .expect("mirror pod");
+    assert!(static_pods::is_mirror(&mirror));
+    let mirror_uid = mirror.metadata.uid.clone().expect("API uid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = api_pod(&rig, "web-node-a");
+        if m.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+            assert_eq!(
+                m.metadata.uid.as_deref(),
+                Some(mirror_uid.as_str()),
+                "mirror keeps its uid"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mirror never showed Running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The mirror coming back on the API watch starts nothing.
+    manager.dispatch(api_pod(&rig, "web-node-a"));
+    assert_eq!(manager.worker_count(), 1);
+    assert_eq!(rig.runtime.sandbox_count(), 1);
+
+    // Manifest removed: pod torn down, mirror deleted.
+    std::fs::remove_file(dir.path().join("web.yaml")).expect("rm");
+    manager.sync_static(dir.path()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rig.runtime.sandbox_count() > 0 || manager.worker_count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "static pod never torn down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        rig.api
+            .object::<Pod>(Some("default"), "web-node-a")
+            .is_none()
+    );
+
+    // Put back: it runs again.
+    std::fs::write(dir.path().join("web.yaml"), MANIFEST).expect("manifest");
+    manager.sync_static(dir.path()).await;
+    assert_eq!(manager.worker_count(), 1);
+    assert!(
+        rig.api
+            .object::<Pod>(Some("default"), "web-node-a")
+            .is_some()
+    );
+}

@@ -725,10 +725,15 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
         if !status::differs(self.last_status.as_ref(), &status) {
             return Ok(());
         }
-        let body = serde_json::json!({
-            "metadata": {"uid": self.key.uid},
-            "status": status,
-        });
+        // A static pod's status goes to its mirror, whose uid the API chose.
+        let body = if super::static_pods::is_static(&self.pod) {
+            serde_json::json!({ "status": status })
+        } else {
+            serde_json::json!({
+                "metadata": {"uid": self.key.uid},
+                "status": status,
+            })
+        };
         let _: Pod = self
             .deps
             .api
