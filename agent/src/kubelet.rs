@@ -116,6 +116,11 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
                 None
             }
         };
+    // Static pods: manifests re-read every 20s (upstream's file check period).
+    let _static_task = config.static_pod_path.clone().map(|dir| {
+        let period = std::time::Duration::from_secs(20);
+        tokio::spawn(pods.clone().run_static(dir, period, shutdown.clone()))
+    });
     let node_task = tokio::spawn(node.run(shutdown.clone()));
     let pods_task = tokio::spawn(pods.run(shutdown));
     let _ = node_task.await;
