@@ -738,3 +738,58 @@ fn without_containerd_events_the_workers_poll_and_still_see_exits() {
         sandboxes_gone(&runtime, &manager).await;
     });
 }
+
+#[test]
+fn a_static_pod_runs_in_containerd_and_its_mirror_shows_its_status() {
+    let cgroups = CgroupParent::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (containerd, _bridge, _subnet, _ipam) = setup(dir.path());
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("manifest dir");
+    std::fs::write(
+        manifests.join("static-web.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: static-web\nspec:\n  \
+             terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    \
+             image: {BUSYBOX_IMAGE}\n    imagePullPolicy: Never\n    \
+             command: [sh, -c, 'exec sleep 3600']\n"
+        ),
+    )
+    .expect("manifest");
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let runtime = Arc::new(
+            CriRuntime::connect(&containerd.socket)
+                .await
+                .expect("connect CRI"),
+        );
+        let api = Arc::new(FakeApi::new());
+        let manager = PodManager::new(deps(&api, &runtime, dir.path(), &cgroups));
+        manager.sync_static(&manifests).await;
+        let s = status_when(&api, "static-web-node-a", "mirror Running", |s| {
+            s.phase.as_deref() == Some("Running") && main_status(s).ready
+        })
+        .await;
+        let mirror = api
+            .object::<Pod>(Some("default"), "static-web-node-a")
+            .expect("mirror");
+        assert!(
+            mirror
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror")),
+            "{mirror:?}"
+        );
+        assert_eq!(exec_in(&runtime, &s, &["echo", "hi"]).await, "hi\n");
+
+        std::fs::remove_file(manifests.join("static-web.yaml")).expect("rm manifest");
+        manager.sync_static(&manifests).await;
+        sandboxes_gone(&runtime, &manager).await;
+        assert!(
+            api.object::<Pod>(Some("default"), "static-web-node-a")
+                .is_none(),
+            "mirror deleted"
+        );
+    });
+}
