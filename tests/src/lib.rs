@@ -1,6 +1,7 @@
 //! The harness that ferrolet's end-to-end tests share: real daemons started privately per test,
 //! temp dirs, waiting with deadlines and cleanup guards.
 
+pub mod cluster;
 pub mod containerd;
 pub mod images;
 pub mod mounts;
