@@ -166,8 +166,21 @@ impl ClusterState {
     pub fn set_node(&mut self, node: Node) {
         let name = node.metadata.name.clone().unwrap_or_default();
         let mut info = NodeInfo::new(Arc::new(node));
-        for p in self.placed.values().filter(|p| p.node == name) {
-            info.account(p, 1);
+        match self.nodes.remove(&name) {
+            // An update (a status heartbeat, a label): what is placed there stays counted,
+            // without a walk over every pod in the cluster.
+            Some(old) => {
+                info.requested = old.requested;
+                info.pod_count = old.pod_count;
+                info.non_zero_requested = old.non_zero_requested;
+                info.host_ports = old.host_ports;
+                info.owners = old.owners;
+            }
+            None => {
+                for p in self.placed.values().filter(|p| p.node == name) {
+                    info.account(p, 1);
+                }
+            }
         }
         self.nodes.insert(name, info);
     }

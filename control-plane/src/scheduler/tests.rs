@@ -451,3 +451,97 @@ async fn the_run_loop_binds_pods_that_arrive_later() {
     }
     task.abort();
 }
+
+#[test]
+fn big_clusters_are_sampled_small_ones_are_not() {
+    assert_eq!(nodes_to_find(0), 0);
+    assert_eq!(nodes_to_find(3), 3);
+    assert_eq!(nodes_to_find(100), 100);
+    assert_eq!(nodes_to_find(200), 100, "never fewer than 100");
+    assert_eq!(nodes_to_find(1_000), 420, "42% of 1,000 as upstream");
+    assert_eq!(nodes_to_find(10_000), 500, "at least 5%");
+}
+
+#[test]
+fn successive_pods_look_at_the_nodes_in_turn() {
+    let nodes: Vec<Value> = (0..300)
+        .map(|i| node(&format!("n{i:03}"), "4", "8Gi"))
+        .collect();
+    let c = cluster(&nodes, &[]);
+    let p: Pod = serde_json::from_value(pod("p", "100m")).unwrap();
+    let enough = nodes_to_find(300);
+    assert!(enough < 300);
+    let (first, looked) = schedule_from(&p, &c, 0);
+    assert_eq!(looked, enough, "stops once enough nodes fit");
+    let (second, _) = schedule_from(&p, &c, looked);
+    assert_eq!(first, Decision::Bind("n000".into()));
+    assert_eq!(
+        second,
+        Decision::Bind(format!("n{enough:03}")),
+        "the next pod starts where the last stopped"
+    );
+    // Wrapping around: a start past the end comes back to the front.
+    let (third, _) = schedule_from(&p, &c, 250);
+    assert_eq!(third, Decision::Bind("n250".into()));
+    // When nothing fits, every node is looked at and counted in the message.
+    let huge: Pod = serde_json::from_value(pod("huge", "64")).unwrap();
+    let (d, looked) = schedule_from(&huge, &c, 42);
+    assert_eq!(looked, 300);
+    assert_eq!(
+        d,
+        Decision::Unschedulable("0/300 nodes are available: 300 Insufficient cpu.".into())
+    );
+}
+
+#[test]
+fn a_node_update_keeps_what_is_placed_on_it() {
+    let mut c = cluster(
+        &[node("a", "1", "8Gi")],
+        &[with(pod("p", "600m"), "/spec/nodeName", json!("a"))],
+    );
+    let mut updated: Node = serde_json::from_value(node("a", "1", "8Gi")).unwrap();
+    updated
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("new".into(), "label".into());
+    c.set_node(updated);
+    assert_eq!(c.node("a").unwrap().pod_count, 1);
+    assert_eq!(
+        decide(&pod("q", "600m"), &c),
+        Decision::Unschedulable("0/1 nodes are available: 1 Insufficient cpu.".into())
+    );
+}
+
+#[tokio::test]
+async fn many_pods_are_bound_concurrently_and_all_counted() {
+    let fake = FakeClient::new();
+    let client: Arc<dyn ClusterClient> = Arc::new(fake.clone());
+    let mut s = Scheduler::new(client, DEFAULT_SCHEDULER_NAME);
+    s.on_node(Event::Applied(
+        serde_json::from_value(node("a", "100", "800Gi")).unwrap(),
+    ));
+    // More than one window of bindings in flight, within the node's 110 pods.
+    let n = BINDS_IN_FLIGHT + 36;
+    let mut pods = Vec::new();
+    for i in 0..n {
+        fake.seed(pod_rt(), pod(&format!("p{i}"), "100m"));
+        let p = fake
+            .get(pod_rt(), Some("default"), &format!("p{i}"))
+            .await
+            .unwrap();
+        pods.push(serde_json::from_value(p).unwrap());
+    }
+    s.on_pod(Event::Restarted(pods));
+    assert_eq!(s.schedule_pending().await, n);
+    let bound = fake
+        .list(pod_rt(), None)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p["spec"]["nodeName"] == "a")
+        .count();
+    assert_eq!(bound, n);
+    assert_eq!(s.cluster().node("a").unwrap().pod_count, n);
+}

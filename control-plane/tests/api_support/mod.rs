@@ -46,6 +46,10 @@ fn spawn(dir: &Path) -> Child {
             "127.0.0.1:0",
             "--service-cluster-ip-range",
             "10.96.0.0/24",
+            // These tests check the API server's own behaviour (finalizers left in place,
+            // namespaces staying Terminating): no controllers or scheduler acting meanwhile.
+            "--controllers=none",
+            "--scheduler=false",
         ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
