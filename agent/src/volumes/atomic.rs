@@ -76,12 +76,14 @@ fn top_names(files: &BTreeMap<String, Vec<u8>>) -> BTreeSet<String> {
 }
 
 /// Makes `dir` hold exactly `files` (relative path to content), each with permission
-/// `mode`; true if anything changed. Nothing is written unless every path is valid.
+/// `mode` unless `modes` names its own; true if anything changed. Nothing is written
+/// unless every path is valid.
 pub fn write_atomic(
     volume: &str,
     dir: &Path,
     files: &BTreeMap<String, Vec<u8>>,
     mode: u32,
+    modes: &BTreeMap<String, u32>,
 ) -> Result<bool, VolumeError> {
     for rel in files.keys() {
         check_path(volume, rel)?;
@@ -93,6 +95,11 @@ pub fn write_atomic(
         let mut have = BTreeMap::new();
         let same = read_tree(&data, Path::new(""), &mut have).is_ok()
             && &have == files
+            && files.keys().all(|rel| {
+                let want = modes.get(rel).copied().unwrap_or(mode);
+                std::fs::metadata(data.join(rel))
+                    .is_ok_and(|m| m.permissions().mode() & 0o777 == want)
+            })
             && top_names(files).iter().all(|n| {
                 std::fs::read_link(dir.join(n)).is_ok_and(|t| t == Path::new(DATA).join(n))
             });
@@ -116,7 +123,8 @@ pub fn write_atomic(
                 std::fs::create_dir_all(parent).map_err(io(volume, parent))?;
             }
             std::fs::write(&path, content).map_err(io(volume, &path))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            let bits = modes.get(rel).copied().unwrap_or(mode);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(bits))
                 .map_err(io(volume, &path))?;
         }
         Ok(())

@@ -103,6 +103,53 @@ fn file_mode(volume: &str, mode: Option<i32>) -> Result<u32, VolumeError> {
         })
 }
 
+/// The per-file `mode`s the volume's items set, by file path.
+fn item_modes(volume: &Volume) -> Result<BTreeMap<String, u32>, VolumeError> {
+    let mut pairs: Vec<(&str, Option<i32>)> = Vec::new();
+    fn key_items(items: Option<&Vec<KeyToPath>>) -> impl Iterator<Item = (&str, Option<i32>)> {
+        items
+            .into_iter()
+            .flatten()
+            .map(|i| (i.path.as_str(), i.mode))
+    }
+    if let Some(cm) = &volume.config_map {
+        pairs.extend(key_items(cm.items.as_ref()));
+    }
+    if let Some(sec) = &volume.secret {
+        pairs.extend(key_items(sec.items.as_ref()));
+    }
+    if let Some(d) = &volume.downward_api {
+        pairs.extend(d.items.iter().flatten().map(|i| (i.path.as_str(), i.mode)));
+    }
+    if let Some(p) = &volume.projected {
+        for src in p.sources.iter().flatten() {
+            if let Some(cm) = &src.config_map {
+                pairs.extend(key_items(cm.items.as_ref()));
+            }
+            if let Some(sec) = &src.secret {
+                pairs.extend(key_items(sec.items.as_ref()));
+            }
+            if let Some(d) = &src.downward_api {
+                pairs.extend(d.items.iter().flatten().map(|i| (i.path.as_str(), i.mode)));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (path, mode) in pairs {
+        if let Some(m) = mode {
+            let bits = u32::try_from(m)
+                .ok()
+                .filter(|b| *b <= 0o777)
+                .ok_or_else(|| VolumeError::Invalid {
+                    volume: volume.name.clone(),
+                    message: format!("mode {m} of item {path:?} is not between 0 and 0777 (511)"),
+                })?;
+            out.insert(path.to_owned(), bits);
+        }
+    }
+    Ok(out)
+}
+
 async fn prepare_one<A: Api>(
     api: &A,
     mounter: &dyn Mounter,
@@ -249,7 +296,8 @@ async fn prepare_one<A: Api>(
     if in_memory {
         ensure_tmpfs(mounter, name, &dir, None)?;
     }
-    atomic::write_atomic(name, &dir, &files, mode)?;
+    let modes = item_modes(volume)?;
+    atomic::write_atomic(name, &dir, &files, mode, &modes)?;
     Ok(HostVolume {
         path: dir,
         read_only: true,

@@ -249,7 +249,14 @@ fn updates_swap_the_data_link_atomically_and_leave_one_version() {
             .collect()
     };
     assert!(
-        atomic::write_atomic("v", &vol, &files(&[("a", "1"), ("d/b", "2")]), 0o600).expect("write")
+        atomic::write_atomic(
+            "v",
+            &vol,
+            &files(&[("a", "1"), ("d/b", "2")]),
+            0o600,
+            &BTreeMap::new()
+        )
+        .expect("write")
     );
     let first = atomic::current_version(&vol).expect("version");
     assert_eq!(
@@ -267,12 +274,22 @@ fn updates_swap_the_data_link_atomically_and_leave_one_version() {
 
     // The same content: nothing is rewritten.
     assert!(
-        !atomic::write_atomic("v", &vol, &files(&[("a", "1"), ("d/b", "2")]), 0o600).expect("same")
+        !atomic::write_atomic(
+            "v",
+            &vol,
+            &files(&[("a", "1"), ("d/b", "2")]),
+            0o600,
+            &BTreeMap::new()
+        )
+        .expect("same")
     );
     assert_eq!(atomic::current_version(&vol), Some(first.clone()));
 
     // A changed value and a removed key: one swap, the old version gone.
-    assert!(atomic::write_atomic("v", &vol, &files(&[("a", "one")]), 0o644).expect("update"));
+    assert!(
+        atomic::write_atomic("v", &vol, &files(&[("a", "one")]), 0o644, &BTreeMap::new())
+            .expect("update")
+    );
     let second = atomic::current_version(&vol).expect("version");
     assert_ne!(second, first);
     assert!(!first.exists(), "the old version is removed");
@@ -295,8 +312,14 @@ fn updates_swap_the_data_link_atomically_and_leave_one_version() {
     assert_eq!(names, [stamp, "..data".to_owned(), "a".to_owned()]);
 
     // A bad path writes nothing at all.
-    let err = atomic::write_atomic("v", &vol, &files(&[("ok", "x"), ("..data", "y")]), 0o644)
-        .expect_err("reserved name");
+    let err = atomic::write_atomic(
+        "v",
+        &vol,
+        &files(&[("ok", "x"), ("..data", "y")]),
+        0o644,
+        &BTreeMap::new(),
+    )
+    .expect_err("reserved name");
     assert!(err.to_string().contains("stay in the volume"), "{err}");
     assert_eq!(atomic::current_version(&vol), Some(second));
     assert!(std::fs::symlink_metadata(vol.join("ok")).is_err());
@@ -463,5 +486,65 @@ fn sub_paths_stay_inside_their_volume() {
     assert!(
         sub_path("v", &read_only, "missing").is_err(),
         "nothing made in a read-only volume"
+    );
+}
+
+#[tokio::test]
+async fn item_modes_override_the_default_mode_and_bad_ones_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    api.insert(
+        Some("ns"),
+        &config_map(&[("run.sh", "echo"), ("conf", "x")]),
+    );
+    let volume = |mode: Option<i32>| Volume {
+        name: "v".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: "cm".into(),
+            default_mode: Some(0o640),
+            items: Some(vec![
+                KeyToPath {
+                    key: "run.sh".into(),
+                    path: "bin/run.sh".into(),
+                    mode,
+                    ..Default::default()
+                },
+                KeyToPath {
+                    key: "conf".into(),
+                    path: "conf".into(),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod_dir = dir.path().join("pod");
+    let mode_of = |v: &HostVolume, rel: &str| {
+        std::fs::metadata(v.path.join(rel))
+            .expect("file")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let v = prepare(&api, &mounter, &pod(vec![volume(Some(0o755))]), &pod_dir)
+        .await
+        .expect("prepare");
+    assert_eq!(mode_of(&v["v"], "bin/run.sh"), 0o755);
+    assert_eq!(mode_of(&v["v"], "conf"), 0o640);
+    // Only the mode changed: that is an update too.
+    let v = prepare(&api, &mounter, &pod(vec![volume(Some(0o700))]), &pod_dir)
+        .await
+        .expect("prepare");
+    assert_eq!(mode_of(&v["v"], "bin/run.sh"), 0o700);
+    let err = prepare(&api, &mounter, &pod(vec![volume(Some(1000))]), &pod_dir)
+        .await
+        .expect_err("mode too large")
+        .to_string();
+    assert!(
+        err.contains("mode 1000 of item \"bin/run.sh\" is not between 0 and 0777"),
+        "{err}"
     );
 }
