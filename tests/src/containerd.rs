@@ -72,6 +72,11 @@ impl Containerd {
         Ok(me)
     }
 
+    /// The daemon's process id (for benchmarks that account its CPU and memory).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Runs `ctr --address <socket> -n k8s.io ARGS` and returns its output (whatever its
     /// status). A ctr that is still running after [`CTR_DEADLINE`] is killed and reported as an
     /// error, so a hung command fails its test instead of blocking the run.
