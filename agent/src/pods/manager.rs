@@ -413,9 +413,11 @@ impl<A: Api, R: Runtime, N: Network> PodManager<A, R, N> {
             .filter_map(|p| p.metadata.uid.clone())
             .collect();
         known.extend(lock(&self.static_uids).keys().cloned());
+        // Static pods started since `known` was made are not stale either.
+        let statics = lock(&self.static_uids).clone();
         let stale: Vec<String> = lock(&self.workers)
             .keys()
-            .filter(|uid| !known.contains(*uid))
+            .filter(|uid| !known.contains(*uid) && !statics.contains_key(*uid))
             .cloned()
             .collect();
         for uid in stale {
