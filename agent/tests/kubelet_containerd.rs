@@ -22,9 +22,9 @@ use ferrolet::volumes::HostMounter;
 use ferrolet_tests::containerd::Containerd;
 use ferrolet_tests::images::{BUSYBOX_IMAGE, PAUSE_IMAGE, busybox_image, pause_image};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, Event, ExecAction,
-    HostPathVolumeSource, Lifecycle, LifecycleHandler, Pod, PodSpec, PodStatus, Probe, Secret,
-    SecretVolumeSource, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, Event,
+    ExecAction, HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler, Pod, PodSpec,
+    PodStatus, Probe, Secret, SecretVolumeSource, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -114,7 +114,8 @@ fn setup(dir: &Path) -> (Containerd, Bridge, String, PathBuf) {
         "plugins": [{
             "type": "bridge",
             "bridge": bridge.0,
-            "isGateway": false,
+            // The gateway address on the host lets network probes reach pod IPs.
+            "isGateway": true,
             "ipMasq": false,
             "ipam": {"type": "host-local", "subnet": subnet, "dataDir": ipam_dir},
         }, {"type": "loopback"}]
@@ -791,5 +792,72 @@ fn a_static_pod_runs_in_containerd_and_its_mirror_shows_its_status() {
                 .is_none(),
             "mirror deleted"
         );
+    });
+}
+
+#[test]
+fn http_and_tcp_probes_reach_the_pod_ip() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let cgroups = CgroupParent::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (containerd, _bridge, _subnet, _ipam) = setup(dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let runtime = Arc::new(
+            CriRuntime::connect(&containerd.socket)
+                .await
+                .expect("connect CRI"),
+        );
+        let api = Arc::new(FakeApi::new());
+        let manager = PodManager::new(deps(&api, &runtime, dir.path(), &cgroups));
+        let mut p = pod(
+            "served",
+            "mkdir -p /www && echo ok > /www/healthz && exec httpd -f -p 8080 -h /www",
+            "Always",
+        );
+        if let Some(c) = p.spec.as_mut().map(|s| &mut s.containers[0]) {
+            c.ports = Some(vec![ContainerPort {
+                name: Some("http".into()),
+                container_port: 8080,
+                ..Default::default()
+            }]);
+            c.readiness_probe = Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    port: IntOrString::String("http".into()),
+                    path: Some("/healthz".into()),
+                    ..Default::default()
+                }),
+                period_seconds: Some(1),
+                failure_threshold: Some(1),
+                ..Default::default()
+            });
+            c.liveness_probe = Some(Probe {
+                tcp_socket: Some(TCPSocketAction {
+                    port: IntOrString::Int(8080),
+                    host: None,
+                }),
+                period_seconds: Some(1),
+                failure_threshold: Some(3),
+                ..Default::default()
+            });
+        }
+        api.insert(Some("default"), &p);
+        manager.dispatch(p.clone());
+        let s = status_when(&api, "served", "ready through httpGet", |s| {
+            main_status(s).ready
+        })
+        .await;
+        assert_eq!(condition(&s, "Ready").as_deref(), Some("True"));
+
+        // The page goes away: readiness fails over HTTP (404); TCP liveness still passes.
+        exec_in(&runtime, &s, &["rm", "/www/healthz"]).await;
+        let s = status_when(&api, "served", "not ready after a 404", |s| {
+            !main_status(s).ready
+        })
+        .await;
+        assert_eq!(main_status(&s).restart_count, 0, "the port still answers");
+
+        manager.gone(p.metadata.uid.as_deref().unwrap_or_default());
+        sandboxes_gone(&runtime, &manager).await;
     });
 }
