@@ -30,6 +30,16 @@ struct Args {
     /// The server binary; default: `ferrolet-control-plane` beside this program.
     #[arg(long)]
     server: Option<PathBuf>,
+    /// Extra server arguments, space-separated. By default the API server runs alone: the
+    /// in-process scheduler and controllers would otherwise act on the benchmark's pods and
+    /// their memory and CPU would count as the API server's.
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_delimiter = ' ',
+        default_value = "--controllers=none --scheduler=false"
+    )]
+    server_args: Vec<String>,
     /// Pods to create.
     #[arg(long, default_value_t = 10_000)]
     pods: usize,
@@ -83,7 +93,7 @@ async fn wait_for<T>(
 }
 
 impl Server {
-    async fn start(binary: &Path, store_args: &[String]) -> Result<Server> {
+    async fn start(binary: &Path, store_args: &[String], extra: &[String]) -> Result<Server> {
         let dir = tempfile::Builder::new()
             .prefix("ferrolet-api-bench-")
             .tempdir()?;
@@ -94,6 +104,7 @@ impl Server {
             .arg(&data)
             .args(["--listen", "127.0.0.1:0"])
             .args(store_args)
+            .args(extra.iter().filter(|a| !a.is_empty()))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -338,7 +349,7 @@ async fn run(
     store_pid: Option<u32>,
     args: &Args,
 ) -> Result<Report> {
-    let server = Arc::new(Server::start(binary, store_args).await?);
+    let server = Arc::new(Server::start(binary, store_args, &args.server_args).await?);
     let pid = server.pid();
     let store_cpu = || store_pid.map_or(Duration::ZERO, cpu_time);
     let mut report = Report::default();
