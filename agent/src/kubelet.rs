@@ -14,6 +14,7 @@ use crate::cri::{CriError, CriRuntime, Runtime};
 use crate::node::{NodeAgent, NodeSettings};
 use crate::pods::worker::Deps;
 use crate::pods::{PodContext, PodManager};
+use crate::server::{KubeletApi, ServerError, ServerSettings};
 
 /// What stops the kubelet from starting.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum KubeletError {
     Api(#[from] ApiError),
     #[error(transparent)]
     Runtime(#[from] CriError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
     #[error("creating {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -88,6 +91,23 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         host_ips: host_ips.clone(),
         runtime_name: version.runtime_name.clone(),
     };
+    // Bound before anything runs, so a taken port or bad certificate fails the start.
+    let server = crate::server::bind(&ServerSettings {
+        address: config.address,
+        port: config.port,
+        root_dir: config.root_dir.clone(),
+        node_name: config.node_name.clone(),
+        host_ips: host_ips.clone(),
+        tls_cert_file: config.tls_cert_file.clone(),
+        tls_private_key_file: config.tls_private_key_file.clone(),
+        client_ca_pem: kubeconfig.ca_pem.clone(),
+    })
+    .await?;
+    let kubelet_api = Arc::new(KubeletApi {
+        api: api.clone(),
+        runtime: runtime.clone(),
+        ctx: ctx.clone(),
+    });
     let node = Arc::new(NodeAgent {
         api: api.clone(),
         runtime: runtime.clone(),
@@ -121,9 +141,11 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         let period = std::time::Duration::from_secs(20);
         tokio::spawn(pods.clone().run_static(dir, period, shutdown.clone()))
     });
+    let server_task = tokio::spawn(crate::server::serve(server, kubelet_api, shutdown.clone()));
     let node_task = tokio::spawn(node.run(shutdown.clone()));
     let pods_task = tokio::spawn(pods.run(shutdown));
     let _ = node_task.await;
     let _ = pods_task.await;
+    let _ = server_task.await;
     Ok(())
 }

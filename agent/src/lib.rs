@@ -10,4 +10,5 @@ pub mod node;
 pub mod pods;
 pub mod probes;
 pub mod proxy;
+pub mod server;
 pub mod volumes;

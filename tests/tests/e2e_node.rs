@@ -300,3 +300,105 @@ fn agent_killed_and_restarted_keeps_running_pods_and_catches_up() {
     assert_eq!(ips, want, "only the two live pods hold IPs");
     cluster.ensure_running().expect("daemons alive");
 }
+
+#[test]
+fn kubelet_api_serves_pods_logs_and_metrics_to_clients_of_the_cluster_ca() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).expect("cluster");
+    let node = cluster.node_name.clone();
+    let node_json: Value = serde_json::from_str(
+        &cluster
+            .kubectl_ok(&["get", "node", &node, "-o", "json"])
+            .expect("get node"),
+    )
+    .expect("node json");
+    assert_eq!(
+        node_json["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"], cluster.kubelet_port,
+        "{:#}",
+        node_json["status"]
+    );
+    cluster
+        .create(&web_pod("web", &node, "hi"))
+        .expect("create pod");
+    cluster
+        .wait_pod(
+            "default",
+            "web",
+            Duration::from_secs(90),
+            "Running",
+            running,
+        )
+        .expect("pod running");
+
+    // No client certificate: refused in HTTP, on every endpoint.
+    for path in [
+        "/healthz",
+        "/pods",
+        "/metrics",
+        "/containerLogs/default/web/web",
+    ] {
+        let (code, body) = cluster.kubelet_get(path, false).expect("curl");
+        assert_eq!(code, 401, "{path}: {body}");
+    }
+    assert_eq!(
+        cluster.kubelet_get("/healthz", true).expect("healthz"),
+        (200, "ok\n".to_owned())
+    );
+    let (code, body) = cluster.kubelet_get("/pods", true).expect("pods");
+    assert_eq!(code, 200, "{body}");
+    let pods: Value = serde_json::from_str(&body).expect("PodList json");
+    assert_eq!(pods["kind"], "PodList");
+    assert_eq!(pods["items"][0]["metadata"]["name"], "web", "{pods:#}");
+
+    let path = "/containerLogs/default/web/web";
+    let mut last = None;
+    let logged = poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        last = cluster.kubelet_get(path, true).ok();
+        last.as_ref()
+            .is_some_and(|(code, body)| *code == 200 && body == "serving\n")
+    });
+    assert!(logged, "container log: {last:?}");
+    let (code, body) = cluster
+        .kubelet_get(&format!("{path}?timestamps=true&tailLines=1"), true)
+        .expect("timestamps");
+    assert_eq!(code, 200);
+    assert!(
+        body.ends_with(" serving\n") && body.contains('T'),
+        "{body:?}"
+    );
+    let (code, body) = cluster
+        .kubelet_get(&format!("{path}?limitBytes=3"), true)
+        .expect("limit");
+    assert_eq!((code, body.as_str()), (200, "ser"));
+    let (code, body) = cluster
+        .kubelet_get(&format!("{path}?previous=true"), true)
+        .expect("previous");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("previous terminated container"), "{body}");
+    let (code, body) = cluster
+        .kubelet_get(&format!("{path}?tailLines=-3"), true)
+        .expect("bad tail");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("tailLines"), "{body}");
+    let (code, body) = cluster
+        .kubelet_get("/containerLogs/default/nope/web", true)
+        .expect("no pod");
+    assert_eq!(code, 404, "{body}");
+
+    let (code, body) = cluster.kubelet_get("/metrics", true).expect("metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("kubelet_running_pods 1\n"), "{body}");
+    assert!(
+        body.contains("kubelet_running_containers{container_state=\"running\"} 1\n"),
+        "{body}"
+    );
+    assert!(body.contains("process_resident_memory_bytes "), "{body}");
+
+    // kubectl logs goes through the API server, which proxies to this endpoint.
+    let logs = cluster.kubectl_ok(&["logs", "web"]).expect("kubectl logs");
+    assert_eq!(logs, "serving\n");
+    let logs = cluster
+        .kubectl_ok(&["logs", "web", "-c", "web", "--tail=1"])
+        .expect("kubectl logs --tail");
+    assert_eq!(logs, "serving\n");
+    cluster.ensure_running().expect("daemons alive");
+}

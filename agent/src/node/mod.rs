@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
-    Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, NodeSystemInfo, Taint,
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
+    NodeSystemInfo, Taint,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as ApiQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
@@ -57,6 +58,8 @@ pub struct NodeSettings {
     pub update_frequency: Duration,
     pub report_frequency: Duration,
     pub root_dir: std::path::PathBuf,
+    /// Port of the kubelet HTTP API, reported in `status.daemonEndpoints`.
+    pub kubelet_port: u16,
 }
 
 impl NodeSettings {
@@ -93,6 +96,7 @@ impl NodeSettings {
             update_frequency: config.node_status_update_frequency,
             report_frequency: config.node_status_report_frequency,
             root_dir: config.root_dir.clone(),
+            kubelet_port: config.port,
         }
     }
 }
@@ -267,6 +271,11 @@ pub fn node_status(
         allocatable: Some(allocatable),
         conditions: Some(conditions),
         addresses: Some(addresses),
+        daemon_endpoints: Some(NodeDaemonEndpoints {
+            kubelet_endpoint: Some(DaemonEndpoint {
+                port: i32::from(settings.kubelet_port),
+            }),
+        }),
         node_info: Some(NodeSystemInfo {
             architecture: kube_arch().into(),
             boot_id: info.boot_id.clone(),

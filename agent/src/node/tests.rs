@@ -28,6 +28,7 @@ fn settings() -> NodeSettings {
         host_ips: vec!["192.0.2.1".into()],
         hostname: "host-a".into(),
         lease_duration_seconds: 40,
+        kubelet_port: 10250,
         update_frequency: Duration::from_secs(10),
         report_frequency: Duration::from_secs(300),
         root_dir: "/tmp".into(),
@@ -164,6 +165,14 @@ async fn registration_creates_then_reconciles_and_the_lease_is_created_then_rene
     let stored: Node = api.object(None, "node-a").expect("node");
     let stored = stored.status.expect("status stored");
     assert_eq!(stored.addresses, reported.addresses);
+    assert_eq!(
+        stored
+            .daemon_endpoints
+            .and_then(|d| d.kubelet_endpoint)
+            .map(|e| e.port),
+        Some(10250),
+        "the kubelet API port is reported"
+    );
     assert_eq!(stored.capacity, reported.capacity);
     let kinds = |s: &NodeStatus| -> Vec<(String, String)> {
         s.conditions
