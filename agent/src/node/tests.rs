@@ -168,7 +168,8 @@ async fn registration_creates_then_reconciles_and_the_lease_is_created_then_rene
     assert_eq!(
         stored
             .daemon_endpoints
-            .and_then(|d| d.kubelet_endpoint)
+            .as_ref()
+            .and_then(|d| d.kubelet_endpoint.as_ref())
             .map(|e| e.port),
         Some(10250),
         "the kubelet API port is reported"
