@@ -506,6 +506,9 @@ impl Cluster {
             .arg(format!("/{}/pods", self.cgroup.name))
             .args(["--address", "127.0.0.1", "--port"])
             .arg(self.kubelet_port.to_string())
+            // This cluster lives in the host's own network namespace, whose iptables a test
+            // must not rewrite; the proxy is tested in namespaces of its own.
+            .arg("--service-proxy=false")
             .args(&self.options.agent_args)
             .env(
                 "RUST_LOG",
