@@ -225,7 +225,10 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
-    fn pick() -> anyhow::Result<PodNetwork> {
+    /// A network for one test: a unique bridge name and a /24 that no route of this host
+    /// overlaps (tests of other processes pick from the same space and see each other's
+    /// bridges).
+    pub fn pick() -> anyhow::Result<PodNetwork> {
         let unique = next_unique();
         let routes = host_ipv4_prefixes()?;
         let seed = std::process::id() as usize * 7 + unique.len();
