@@ -73,7 +73,11 @@ fn service_proxy_settings_from_file_and_flags() {
         ..flags_with_kubeconfig()
     };
     let c = AgentConfig::resolve(file, &flags, "h").unwrap();
-    assert_eq!(c.cluster_cidr.as_deref(), Some("10.100.0.0/16"), "flag wins");
+    assert_eq!(
+        c.cluster_cidr.as_deref(),
+        Some("10.100.0.0/16"),
+        "flag wins"
+    );
     assert_eq!(c.service_cluster_ip_range.as_deref(), Some("10.96.0.0/12"));
     assert!(c.service_proxy, "flag wins");
 }

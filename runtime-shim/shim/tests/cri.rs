@@ -49,10 +49,17 @@ impl Server {
             cgroup_parent: unique("ferrolet-test"),
             busybox: busybox.name.clone(),
         };
+        s.import(&busybox.oci_archive);
+        s.start();
+        s
+    }
+
+    /// `ferrolet-shim images import` of an image archive into this server's root.
+    fn import(&self, archive: &Path) {
         let out = Command::new(SHIM)
             .args(["images", "import", "--root"])
-            .arg(s.root())
-            .arg(&busybox.oci_archive)
+            .arg(self.root())
+            .arg(archive)
             .output()
             .unwrap();
         assert!(
@@ -60,8 +67,6 @@ impl Server {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        s.start();
-        s
     }
 
     fn start(&mut self) {
@@ -947,17 +952,7 @@ async fn an_image_imported_while_the_shim_runs_is_seen_by_it() {
     };
     assert!(status(&mut img).await.is_none(), "not imported yet");
 
-    let out = Command::new(SHIM)
-        .args(["images", "import", "--root"])
-        .arg(s.root())
-        .arg(&pause.oci_archive)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.import(&pause.oci_archive);
 
     let found = status(&mut img)
         .await
