@@ -102,12 +102,15 @@ pub fn node_ready(pod: &Pod, node: &Node) -> Option<Reason> {
 /// A cordoned node takes no new pods, unless they tolerate the unschedulable taint.
 pub fn node_schedulable(pod: &Pod, node: &Node) -> Option<Reason> {
     let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+    if !cordoned {
+        return None;
+    }
     let taint = Taint {
         key: UNSCHEDULABLE_TAINT.into(),
         effect: "NoSchedule".into(),
         ..Taint::default()
     };
-    (cordoned && !tolerated(pod, &taint)).then_some(Reason::Unschedulable)
+    (!tolerated(pod, &taint)).then_some(Reason::Unschedulable)
 }
 
 /// Every NoSchedule and NoExecute taint must be tolerated; PreferNoSchedule only scores.

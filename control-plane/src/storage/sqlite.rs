@@ -28,9 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
-};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::watch::{self, Batch, History};
@@ -43,10 +41,9 @@ use super::{
 const MAX_GROUP: usize = 512;
 /// Writes waiting for the writer thread before callers wait to queue (back-pressure).
 const QUEUE: usize = 4096;
-/// Idle read connections kept open.
-const MAX_IDLE_READERS: usize = 8;
-/// How much of the database file a read connection maps (address space, not memory).
-const READER_MMAP_BYTES: i64 = 1 << 30;
+/// Read connections: reads beyond this many wait for one, so connections (each with its
+/// prepared statements) are opened once and reused, never opened and closed per read.
+const MAX_READERS: usize = 16;
 /// Keys are UTF-8, which never contains the byte 0xff: an upper bound for "all keys".
 const NO_KEY_END: &[u8] = b"\xff";
 
@@ -173,7 +170,7 @@ impl SqliteStore {
         lock: File,
         durability: Durability,
     ) -> Result<SqliteStore, StoreError> {
-        let mut conn = Connection::open(path).map_err(sql("open the database"))?;
+        let conn = Connection::open(path).map_err(sql("open the database"))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql("switch to WAL journal"))?;
         conn.pragma_update(None, "synchronous", durability.pragma())
@@ -181,12 +178,13 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sql("set busy timeout"))?;
         conn.execute_batch(SCHEMA).map_err(sql("create schema"))?;
-        let revision = read_meta(&conn.transaction().map_err(sql("begin"))?, "revision")?;
+        let revision = read_meta(&conn, "revision")?;
         let revision = Arc::new(AtomicI64::new(revision));
 
         let readers = Arc::new(Readers {
             path: path.to_owned(),
             idle: Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(MAX_READERS),
         });
         let live = watch::live_channel();
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -256,7 +254,7 @@ fn lock_file(path: &Path) -> Result<(File, PathBuf), StoreError> {
     }
 }
 
-fn read_meta(tx: &Transaction<'_>, name: &str) -> Result<Revision, StoreError> {
+fn read_meta(tx: &Connection, name: &str) -> Result<Revision, StoreError> {
     tx.prepare_cached("SELECT value FROM meta WHERE name = ?1")
         .and_then(|mut s| s.query_row([name], |r| r.get(0)))
         .map_err(sql("read meta"))
@@ -377,11 +375,9 @@ impl Writer {
             }
         }
         if revision != self.revision {
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE name = 'revision'",
-                [revision],
-            )
-            .map_err(sql("store the revision"))?;
+            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE name = 'revision'")
+                .and_then(|mut s| s.execute([revision]))
+                .map_err(sql("store the revision"))?;
         }
         tx.commit().map_err(sql("commit"))?;
         self.revision = revision;
@@ -389,7 +385,7 @@ impl Writer {
     }
 }
 
-fn current(tx: &Transaction<'_>, key: &str) -> Result<Option<Current>, StoreError> {
+fn current(tx: &Connection, key: &str) -> Result<Option<Current>, StoreError> {
     let row = tx
         .prepare_cached(
             "SELECT revision, create_revision, value FROM history
@@ -420,7 +416,7 @@ fn current(tx: &Transaction<'_>, key: &str) -> Result<Option<Current>, StoreErro
 }
 
 fn insert(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     revision: Revision,
     key: &str,
     create_revision: Revision,
@@ -456,7 +452,7 @@ fn check_expected(current: &KeyValue, expected: Option<Revision>) -> Result<(), 
 }
 
 fn apply_create(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     revision: &mut Revision,
     key: &str,
     value: &Bytes,
@@ -485,7 +481,7 @@ fn apply_create(
 }
 
 fn apply_update(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     revision: &mut Revision,
     key: &str,
     value: &Bytes,
@@ -523,7 +519,7 @@ fn apply_update(
 }
 
 fn apply_delete(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     revision: &mut Revision,
     key: &str,
     expected: Option<Revision>,
@@ -553,11 +549,7 @@ fn apply_delete(
     ))
 }
 
-fn apply_compact(
-    tx: &Transaction<'_>,
-    current: Revision,
-    keep: Revision,
-) -> Result<(), StoreError> {
+fn apply_compact(tx: &Connection, current: Revision, keep: Revision) -> Result<(), StoreError> {
     if keep > current {
         return Err(StoreError::FutureRevision {
             requested: keep,
@@ -591,6 +583,8 @@ fn apply_compact(
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// One per connection in use; at most [`MAX_READERS`] exist.
+    permits: tokio::sync::Semaphore,
 }
 
 impl Readers {
@@ -610,10 +604,8 @@ impl Readers {
         .map_err(sql("open a read connection"))?;
         conn.pragma_update(None, "query_only", true)
             .map_err(sql("make a read connection read-only"))?;
-        // Lists read the whole table: map the file instead of copying every page through
-        // read() into a small per-connection cache.
-        conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES)
-            .map_err(sql("set mmap size"))?;
+        // No mmap: in WAL mode SQLite unmaps the whole file at the start of every read
+        // transaction after a write, which under write load cost more than lists gained.
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sql("set busy timeout"))?;
         Ok(conn)
@@ -624,7 +616,7 @@ impl Readers {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_READERS {
+        if idle.len() < MAX_READERS {
             idle.push(conn);
         }
     }
@@ -633,25 +625,39 @@ impl Readers {
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let mut conn = self.take()?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("sqlite readers closed: {e}")))?;
+        let conn = self.take()?;
         let (conn, result) = tokio::task::spawn_blocking(move || {
-            // Dropping the transaction ends it; a read-only one has nothing to lose.
+            // BEGIN and ROLLBACK as cached statements: rusqlite's transaction() parses both
+            // again for every read. A read-only transaction has nothing to lose on rollback.
             let result = conn
-                .transaction()
+                .prepare_cached("BEGIN")
+                .and_then(|mut s| s.execute([]))
                 .map_err(sql("begin read transaction"))
-                .and_then(|tx| f(&tx));
-            (conn, result)
+                .and_then(|_| f(&conn));
+            let ended = conn
+                .prepare_cached("ROLLBACK")
+                .and_then(|mut s| s.execute([]))
+                .is_ok();
+            (ended.then_some(conn), result)
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("sqlite read task failed: {e}")))?;
-        self.give_back(conn);
+        // A connection whose transaction did not end is dropped, not reused.
+        if let Some(conn) = conn {
+            self.give_back(conn);
+        }
         result
     }
 }
 
-fn check_revision(tx: &Transaction<'_>, requested: Revision) -> Result<Revision, StoreError> {
+fn check_revision(tx: &Connection, requested: Revision) -> Result<Revision, StoreError> {
     let current = read_meta(tx, "revision")?;
     let compacted = read_meta(tx, "compacted")?;
     if requested < compacted {
@@ -666,11 +672,7 @@ fn check_revision(tx: &Transaction<'_>, requested: Revision) -> Result<Revision,
     Ok(current)
 }
 
-fn list_in(
-    tx: &Transaction<'_>,
-    prefix: &str,
-    opts: &ListOptions,
-) -> Result<ListResult, StoreError> {
+fn list_in(tx: &Connection, prefix: &str, opts: &ListOptions) -> Result<ListResult, StoreError> {
     let revision = match opts.revision {
         Some(r) => {
             check_revision(tx, r)?;
@@ -737,7 +739,7 @@ fn list_in(
 }
 
 fn events_in(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     prefix: &str,
     after: Revision,
     limit: usize,
