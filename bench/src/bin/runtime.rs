@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
+use ferrolet_bench::{Better, Figure};
 use ferrolet_cri::v1;
 use ferrolet_cri::v1::runtime_service_client::RuntimeServiceClient;
 use ferrolet_tests::containerd::Containerd;
@@ -600,6 +601,8 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
         "| op | ferrolet-shim p50 | ferrolet-shim p99 | containerd p50 | containerd p99 | speedup p50 | speedup p99 |"
     );
     println!("|---|---|---|---|---|---|---|");
+    let mut figures = Vec::new();
+    let peer = "containerd 1.6 + runc";
     for (op, samples) in [("start", &start), ("teardown", &stop)] {
         let wall = |v: &[Sample]| stats(&v.iter().map(|x| x.wall).collect::<Vec<_>>());
         let cpu = |v: &[Sample]| stats(&v.iter().map(|x| x.cpu).collect::<Vec<_>>());
@@ -617,6 +620,34 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
                 c.p50 / o.p50,
                 c.p99 / o.p99
             );
+            let met = |ratio: f64| ratio >= 7.0;
+            let (unit_name, p50_target) = if kind == "wall" {
+                (format!("pod {op}"), Some(c.p50 / o.p50))
+            } else {
+                (format!("pod {op} runtime CPU"), None)
+            };
+            let p50 = Figure::versus(
+                &format!("{unit_name} p50"),
+                "ms",
+                o.p50,
+                c.p50,
+                peer,
+                Better::Lower,
+            );
+            figures.push(match p50_target {
+                Some(ratio) => p50.target(">= 7x faster", met(ratio)),
+                None => p50,
+            });
+            if kind == "wall" {
+                figures.push(Figure::versus(
+                    &format!("{unit_name} p99"),
+                    "ms",
+                    o.p99,
+                    c.p99,
+                    peer,
+                    Better::Lower,
+                ));
+            }
             report.insert(
                 format!("{op}_{}", kind.replace(' ', "_").to_lowercase()),
                 json!({"ferrolet-shim": side(o), "containerd": side(c),
@@ -679,6 +710,18 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
                    "added_pss_kib_per_pod": added}),
         );
     }
+    let per_pod = |m: Memory| m.pss_kib as f64 / n / 1024.0;
+    figures.push(
+        Figure::versus(
+            &format!("runtime PSS per running pod ({} pods)", args.running),
+            "MiB",
+            per_pod(busy[0]),
+            per_pod(busy[1]),
+            peer,
+            Better::Lower,
+        )
+        .target("< 1 MB", busy[0].pss_kib as f64 / n < 1000.0),
+    );
     println!("\nload average: {load_before} before the timed phase, {load_after} at the end");
     report.insert(
         "benchmark".into(),
@@ -696,6 +739,8 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
         serde_json::to_string_pretty(&Value::Object(report))?,
     )
     .with_context(|| format!("writing {}", args.out.display()))?;
+    ferrolet_bench::write_figures(&args.out, &figures)
+        .with_context(|| format!("writing the figures beside {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     drop(runtimes);
     drop(containerd);
