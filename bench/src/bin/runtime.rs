@@ -455,8 +455,10 @@ fn loadavg() -> String {
 }
 
 /// Port of pod `i` of runtime `r` in phase `phase`: distinct for everything running at once.
+/// The host port of pod `i` of runtime `r` in `phase`: all below 32768, the start of Linux's
+/// ephemeral range, so no client socket of another program can hold one.
 fn port(r: usize, phase: usize, i: usize) -> u16 {
-    u16::try_from(30_000 + 2_000 * phase + 1_000 * r + i).unwrap_or(u16::MAX)
+    u16::try_from(20_000 + 2_000 * phase + 1_000 * r + i).unwrap_or(u16::MAX)
 }
 
 fn side(st: Stats) -> Value {
