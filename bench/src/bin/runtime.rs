@@ -396,10 +396,11 @@ impl Runtime {
         })
     }
 
-    /// Fails unless the pod's httpd answers (checked outside the timings).
+    /// Fails unless the pod's httpd answers within 30 s (checked outside the timings; a
+    /// loaded machine can take many seconds to start 100 pods' httpd).
     fn check_serving(&self, pod: &Pod) -> Result<()> {
         let addr = SocketAddr::from(([127, 0, 0, 1], pod.port));
-        let up = poll_until(Duration::from_secs(10), Duration::from_millis(5), || {
+        let up = poll_until(Duration::from_secs(30), Duration::from_millis(5), || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         });
         ensure!(
