@@ -9,6 +9,10 @@
 //! cgroup parent, unmounts what the shim mounted, deletes the bridge, stops the control
 //! plane and removes the temp dir, even when the test failed half way.
 //!
+//! With [`NodeRuntime::Containerd`] the agent runs on a private containerd 1.6 + runc instead
+//! of `ferrolet-shim` (containerd then wires pod networking itself, with the reference CNI
+//! plugins of `/usr/lib/cni` and the same bridge conflist), to compare whole node stacks.
+//!
 //! The binaries come from the cargo target dir this test was built in: build them first
 //! with `cargo build -p ferrolet -p ferrolet-shim -p ferrolet-control-plane -p ferrolet-cni --bins`.
 
@@ -23,7 +27,8 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
 
-use crate::images::{busybox_image, pause_binary};
+use crate::containerd::Containerd;
+use crate::images::{busybox_image, pause_binary, pause_image};
 use crate::mounts::unmount_below;
 use crate::process::output_within;
 use crate::wait::poll_until;
@@ -55,14 +60,18 @@ fn next_unique() -> String {
     )
 }
 
-/// The cargo target profile dir this test binary was built in (`target/debug`), where the
-/// workspace's binaries are.
+/// The cargo target profile dir this program was built in (`target/debug`), where the
+/// workspace's binaries are: above `deps/` for a test, beside it for a binary (a benchmark).
 pub fn binaries_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("finding the test's own executable")?;
-    // <target>/<profile>/deps/<test>-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
+    let exe = std::env::current_exe().context("finding the program's own executable")?;
+    // A test: <target>/<profile>/deps/<test>-<hash>; a binary: <target>/<profile>/<name>.
+    let dir = exe.parent();
+    let dir = if dir.and_then(Path::file_name).is_some_and(|n| n == "deps") {
+        dir.and_then(Path::parent)
+    } else {
+        dir
+    };
+    dir.map(Path::to_path_buf)
         .with_context(|| format!("{} has no target dir above it", exe.display()))
 }
 
@@ -224,6 +233,9 @@ pub struct PodNetwork {
     pub prefix: u8,
 }
 
+/// The pod subnets this process picked, so clusters up at once never share one.
+static PICKED: std::sync::Mutex<Vec<(Ipv4Addr, u8)>> = std::sync::Mutex::new(Vec::new());
+
 impl PodNetwork {
     /// A network for one test: a unique bridge name and a /24 that no route of this host
     /// overlaps (tests of other processes pick from the same space and see each other's
@@ -241,10 +253,17 @@ impl PodNetwork {
                 0,
             ];
             let subnet = Ipv4Addr::from(octets);
+            // A cluster's bridge (and so its route) appears at its first pod: the subnets
+            // this process already gave out count as taken too.
+            let mut taken = PICKED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if !routes
                 .iter()
+                .chain(taken.iter())
                 .any(|(net, len)| overlaps(*net, *len, subnet, 24))
             {
+                taken.push((subnet, 24));
                 return Ok(PodNetwork {
                     name: format!("e2e-{unique}"),
                     bridge: format!("fe2e{}", unique.replace('-', "x")),
@@ -320,11 +339,23 @@ fn host_ipv4_prefixes() -> anyhow::Result<Vec<(Ipv4Addr, u8)>> {
     Ok(prefixes)
 }
 
+/// The CRI runtime the agent of a [`Cluster`] runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NodeRuntime {
+    /// `ferrolet-shim`; the agent runs our CNI plugins itself.
+    #[default]
+    FerroletShim,
+    /// A private containerd 1.6 + runc, which runs the reference CNI plugins itself.
+    Containerd,
+}
+
 /// What differs between clusters a test starts.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
     /// Extra arguments for `ferrolet`.
     pub agent_args: Vec<String>,
+    /// The CRI runtime under the agent.
+    pub runtime: NodeRuntime,
 }
 
 /// A one-node cluster owned by one test.
@@ -348,6 +379,7 @@ pub struct Cluster {
     pub options: ClusterOptions,
     agent: Option<Daemon>,
     shim: Option<Daemon>,
+    containerd: Option<Containerd>,
     control_plane: Option<Daemon>,
 }
 
@@ -371,12 +403,16 @@ impl Cluster {
             options,
             agent: None,
             shim: None,
+            containerd: None,
             control_plane: None,
             dir,
         };
         cluster.start_control_plane()?;
         cluster.setup_cni()?;
-        cluster.start_shim()?;
+        match cluster.options.runtime {
+            NodeRuntime::FerroletShim => cluster.start_shim()?,
+            NodeRuntime::Containerd => cluster.start_containerd()?,
+        }
         cluster.start_agent()?;
         cluster.wait_node_ready()?;
         Ok(cluster)
@@ -420,8 +456,17 @@ impl Cluster {
             std::os::unix::fs::symlink(&bin, self.cni_bin_dir.join(plugin))
                 .with_context(|| format!("linking {}", bin.display()))?;
         }
+        fs::write(
+            self.cni_conf_dir.join("10-e2e.conflist"),
+            serde_json::to_vec_pretty(&self.conflist())?,
+        )?;
+        Ok(())
+    }
+
+    /// The pod network's conflist: bridge + host-local + portmap.
+    fn conflist(&self) -> Value {
         let net = &self.network;
-        let conflist = json!({
+        json!({
             "cniVersion": "1.0.0",
             "name": net.name,
             "plugins": [
@@ -438,12 +483,36 @@ impl Cluster {
                 },
                 {"type": "portmap", "capabilities": {"portMappings": true}},
             ],
-        });
+        })
+    }
+
+    /// A private containerd with our pause and busybox images, the pause image also under
+    /// the sandbox image names containerd 1.6 uses (so it never pulls), and the pod network's
+    /// conflist in its CNI dir.
+    fn start_containerd(&mut self) -> anyhow::Result<()> {
+        let containerd = Containerd::start()?;
+        let images = self.dir.join("images");
+        fs::create_dir_all(&images)?;
+        let pause = pause_image(&images)?;
+        let busybox = busybox_image(&images)?;
+        for image in [&pause, &busybox] {
+            containerd.ctr_ok(&["images", "import", &image.oci_archive.to_string_lossy()])?;
+        }
+        for alias in ["k8s.gcr.io/pause:3.6", "registry.k8s.io/pause:3.6"] {
+            containerd.ctr_ok(&["images", "tag", &pause.name, alias])?;
+        }
         fs::write(
-            self.cni_conf_dir.join("10-e2e.conflist"),
-            serde_json::to_vec_pretty(&conflist)?,
+            containerd.root.join("cni/net.d/10-e2e.conflist"),
+            serde_json::to_vec_pretty(&self.conflist())?,
         )?;
+        self.cri_socket.clone_from(&containerd.socket);
+        self.containerd = Some(containerd);
         Ok(())
+    }
+
+    /// The containerd daemon's process id, when the node runs on containerd.
+    pub fn containerd_pid(&self) -> Option<u32> {
+        self.containerd.as_ref().and_then(Containerd::pid)
     }
 
     fn start_shim(&mut self) -> anyhow::Result<()> {
@@ -555,14 +624,18 @@ impl Cluster {
     /// The ends of every daemon's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for (name, file) in [
-            ("control plane", "control-plane.log"),
-            ("shim", "shim.log"),
-            ("agent", "agent.log"),
-        ] {
+        let mut logs = vec![
+            ("control plane", self.dir.join("control-plane.log")),
+            ("shim", self.dir.join("shim.log")),
+            ("agent", self.dir.join("agent.log")),
+        ];
+        if let Some(containerd) = &self.containerd {
+            logs[1] = ("containerd", containerd.log.clone());
+        }
+        for (name, file) in logs {
             out.push_str(&format!(
                 "----- {name} log (end) -----\n{}\n",
-                log_tail(&self.dir.join(file), 80)
+                log_tail(&file, 80)
             ));
         }
         out
@@ -740,6 +813,8 @@ impl Drop for Cluster {
         if let Some(mut shim) = self.shim.take() {
             shim.kill9();
         }
+        // Stops its tasks and shims, unmounts and removes its own dir.
+        drop(self.containerd.take());
         // Pods and container monitors live in the cgroup parent.
         self.cgroup.remove();
         unmount_below(&self.dir);

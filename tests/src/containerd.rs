@@ -20,6 +20,7 @@ pub const CTR_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A running containerd owned by one test. Dropping it stops its tasks, the daemon and its
 /// shims, unmounts what it mounted and removes its directory.
+#[derive(Debug)]
 pub struct Containerd {
     /// The gRPC socket (CRI and containerd's own API).
     pub socket: PathBuf,

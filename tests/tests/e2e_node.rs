@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferrolet_cri::v1;
 use ferrolet_cri::v1::runtime_service_client::RuntimeServiceClient;
-use ferrolet_tests::cluster::{Cluster, ClusterOptions, condition, http_get};
+use ferrolet_tests::cluster::{Cluster, ClusterOptions, NodeRuntime, condition, http_get};
 use ferrolet_tests::images::BUSYBOX_IMAGE;
 use ferrolet_tests::wait::poll_until;
 use serde_json::{Value, json};
@@ -401,4 +401,58 @@ fn kubelet_api_serves_pods_logs_and_metrics_to_clients_of_the_cluster_ca() {
         .expect("kubectl logs --tail");
     assert_eq!(logs, "serving\n");
     cluster.ensure_running().expect("daemons alive");
+}
+
+/// The same node on containerd 1.6 + runc (the agent benchmark's peer): containerd wires the
+/// pod's network itself with the reference plugins on the test's bridge and subnet, the agent
+/// takes the IP from the sandbox status, and the pod serves on it until deleted.
+#[test]
+fn node_on_containerd_runs_a_pod_that_serves_on_its_ip() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        runtime: NodeRuntime::Containerd,
+        ..ClusterOptions::default()
+    })
+    .expect("cluster on containerd");
+    let node = cluster.node_name.clone();
+    cluster
+        .create(&web_pod("web", &node, "hello-from-containerd"))
+        .expect("create pod");
+    let pod = cluster
+        .wait_pod(
+            "default",
+            "web",
+            Duration::from_secs(90),
+            "Running and Ready",
+            running,
+        )
+        .expect("pod running");
+    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
+    let ip = pod_ip(&pod).expect("pod IP in status");
+    assert!(
+        cluster.network.contains(ip),
+        "pod IP {ip} outside the test's subnet {}",
+        cluster.network.cidr()
+    );
+    assert_eq!(sandboxes_of(&cluster.cri_socket, &uid).len(), 1);
+
+    let addr = SocketAddr::from((ip, 8080));
+    let mut answer = None;
+    let served = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        answer = http_get(addr, "/index.html").ok();
+        answer.as_ref().is_some_and(|(code, _)| *code == 200)
+    });
+    assert!(served, "no HTTP 200 from {addr}: {answer:?}");
+    assert_eq!(answer.unwrap_or_default().1.trim(), "hello-from-containerd");
+
+    cluster
+        .kubectl_ok(&["delete", "pod", "web", "--wait=false"])
+        .expect("delete pod");
+    cluster
+        .wait_pod_gone("default", "web", Duration::from_secs(60))
+        .expect("pod gone from the API");
+    assert!(
+        sandboxes_of(&cluster.cri_socket, &uid).is_empty(),
+        "sandbox left after delete\n{}",
+        cluster.logs()
+    );
 }

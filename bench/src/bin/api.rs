@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use ferrolet_bench::{Better, Figure};
 use ferrolet_control_plane::storage::testing::EtcdServer;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -58,6 +59,9 @@ struct Args {
     /// Pause between timed writes, so the figure is delivery latency, not queueing.
     #[arg(long, default_value_t = 5)]
     write_gap_ms: u64,
+    /// Where to write the JSON report (the headline figures go beside it).
+    #[arg(long, default_value = "bench/out/api.json")]
+    out: PathBuf,
 }
 
 /// The server process; killed and its data dir removed on drop.
@@ -639,5 +643,73 @@ async fn main() -> Result<()> {
         },
     });
     println!("{doc}");
+    write_report(&args.out, &doc)?;
+
+    let peer = "same server over etcd 3.4";
+    let figures = [
+        Figure::versus(
+            "pod creates (10k, 8 clients)",
+            "pods/s",
+            sqlite.creates_per_sec,
+            etcd.creates_per_sec,
+            peer,
+            Better::Higher,
+        )
+        .target(">= 2x etcd", create_ratio >= 2.0),
+        Figure::versus(
+            &format!("list {} pods (median)", args.pods),
+            "ms",
+            ms(sqlite.list_median),
+            ms(etcd.list_median),
+            peer,
+            Better::Lower,
+        )
+        .target("< 100 ms", sqlite.list_median < Duration::from_millis(100)),
+        Figure::versus(
+            "watch delivery p50",
+            "ms",
+            ms(sqlite.watch_ack_p50),
+            ms(etcd.watch_ack_p50),
+            peer,
+            Better::Lower,
+        ),
+        Figure::versus(
+            &format!("watch delivery p99 ({} watchers)", args.watchers),
+            "ms",
+            ms(sqlite.watch_ack_p99),
+            ms(etcd.watch_ack_p99),
+            peer,
+            Better::Lower,
+        )
+        .target("< 10 ms", sqlite.watch_ack_p99 < Duration::from_millis(10)),
+        Figure::versus(
+            "server CPU for the creates",
+            "s",
+            sqlite.create_server_cpu.as_secs_f64(),
+            (etcd.create_server_cpu + etcd.create_store_cpu).as_secs_f64(),
+            "server + etcd",
+            Better::Lower,
+        ),
+        Figure::versus(
+            &format!("server RSS holding {} pods", args.pods),
+            "MiB",
+            mb(sqlite.rss_kb),
+            mb(etcd.rss_kb),
+            peer,
+            Better::Lower,
+        )
+        .target("< 150 MB", sqlite.rss_kb < 150 * 1024),
+    ];
+    ferrolet_bench::write_figures(&args.out, &figures)
+        .with_context(|| format!("writing the figures beside {}", args.out.display()))?;
     Ok(())
+}
+
+/// Writes the benchmark's whole JSON document to `out`.
+fn write_report(out: &Path, doc: &Value) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(doc)?)
+        .with_context(|| format!("writing {}", out.display()))
 }

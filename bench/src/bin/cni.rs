@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use ferrolet_bench::{Better, Figure};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -619,6 +620,8 @@ fn main() -> Result<()> {
     println!("| op | time | implementation | p50 ms | p99 ms | speedup p50 | speedup p99 |");
     println!("|---|---|---|---|---|---|---|");
     let mut report = serde_json::Map::new();
+    let mut figures = Vec::new();
+    let peer = "reference plugins 1.1 (Go)";
     for (o, op) in ["ADD", "DEL"].into_iter().enumerate() {
         for kind in ["wall", "cpu"] {
             let st = |v: &[Sample]| {
@@ -629,6 +632,34 @@ fn main() -> Result<()> {
                 )
             };
             let reference = st(&samples[0][o]);
+            // subjects[1] is our first build (the one beside this program by default).
+            let ours = st(&samples[1][o]);
+            let what = if kind == "wall" {
+                op.to_owned()
+            } else {
+                format!("{op} CPU")
+            };
+            let p50 = Figure::versus(
+                &format!("{what} p50"),
+                "ms",
+                ours.p50,
+                reference.p50,
+                peer,
+                Better::Lower,
+            );
+            if kind == "wall" {
+                figures.push(p50.target(">= 5x faster", reference.p50 / ours.p50 >= 5.0));
+                figures.push(Figure::versus(
+                    &format!("{what} p99"),
+                    "ms",
+                    ours.p99,
+                    reference.p99,
+                    peer,
+                    Better::Lower,
+                ));
+            } else {
+                figures.push(p50);
+            }
             let mut rows = serde_json::Map::new();
             for (k, subject) in subjects.iter().enumerate() {
                 let this = st(&samples[k][o]);
@@ -662,6 +693,8 @@ fn main() -> Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
+    ferrolet_bench::write_figures(&args.out, &figures)
+        .with_context(|| format!("writing the figures beside {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     drop(warm);
     drop(ctrs);

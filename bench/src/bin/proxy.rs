@@ -31,6 +31,7 @@ use clap::Parser;
 use ferrolet::proxy::{
     BackendChoice, Change, HostExec, Iptables, MemoryRecorder, Proxier, ProxyConfig,
 };
+use ferrolet_bench::{Better, Figure};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
@@ -606,6 +607,51 @@ fn main() -> Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("write {}", args.out.display()))?;
+    let mut figures = Vec::new();
+    for r in &results {
+        let b = r.backend;
+        let peer = format!("iptables-restore of kube-proxy's rules ({b})");
+        let scale = format!("{}x{}", args.services, args.endpoints);
+        let full = Figure::versus(
+            &format!("{b}: full sync, {scale} (empty tables)"),
+            "ms",
+            ms(r.full.ours.wall),
+            ms(r.full.base.wall),
+            &peer,
+            Better::Lower,
+        );
+        let full_ratio = ratio(r.full.base.wall, r.full.ours.wall);
+        figures.push(full.target(">= 2x faster", full_ratio >= 2.0));
+        figures.push(Figure::versus(
+            &format!("{b}: full sync CPU"),
+            "ms",
+            ms(r.full.ours.cpu),
+            ms(r.full.base.cpu),
+            &peer,
+            Better::Lower,
+        ));
+        figures.push(Figure::versus(
+            &format!("{b}: full resync (rules in place)"),
+            "ms",
+            ms(r.resync.ours.wall),
+            ms(r.resync.base.wall),
+            &peer,
+            Better::Lower,
+        ));
+        figures.push(
+            Figure::versus(
+                &format!("{b}: one endpoint change"),
+                "ms",
+                ms(r.change.ours.wall),
+                ms(r.change.base.wall),
+                &peer,
+                Better::Lower,
+            )
+            .target("< 50 ms", r.change.ours.wall < Duration::from_millis(50)),
+        );
+    }
+    ferrolet_bench::write_figures(&args.out, &figures)
+        .with_context(|| format!("write the figures beside {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

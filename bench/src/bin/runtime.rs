@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
+use ferrolet_bench::{Better, Figure};
 use ferrolet_cri::v1;
 use ferrolet_cri::v1::runtime_service_client::RuntimeServiceClient;
 use ferrolet_tests::containerd::Containerd;
@@ -395,10 +396,11 @@ impl Runtime {
         })
     }
 
-    /// Fails unless the pod's httpd answers (checked outside the timings).
+    /// Fails unless the pod's httpd answers within 30 s (checked outside the timings; a
+    /// loaded machine can take many seconds to start 100 pods' httpd).
     fn check_serving(&self, pod: &Pod) -> Result<()> {
         let addr = SocketAddr::from(([127, 0, 0, 1], pod.port));
-        let up = poll_until(Duration::from_secs(10), Duration::from_millis(5), || {
+        let up = poll_until(Duration::from_secs(30), Duration::from_millis(5), || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         });
         ensure!(
@@ -454,8 +456,10 @@ fn loadavg() -> String {
 }
 
 /// Port of pod `i` of runtime `r` in phase `phase`: distinct for everything running at once.
+/// The host port of pod `i` of runtime `r` in `phase`: all below 32768, the start of Linux's
+/// ephemeral range, so no client socket of another program can hold one.
 fn port(r: usize, phase: usize, i: usize) -> u16 {
-    u16::try_from(30_000 + 2_000 * phase + 1_000 * r + i).unwrap_or(u16::MAX)
+    u16::try_from(20_000 + 2_000 * phase + 1_000 * r + i).unwrap_or(u16::MAX)
 }
 
 fn side(st: Stats) -> Value {
@@ -600,6 +604,8 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
         "| op | ferrolet-shim p50 | ferrolet-shim p99 | containerd p50 | containerd p99 | speedup p50 | speedup p99 |"
     );
     println!("|---|---|---|---|---|---|---|");
+    let mut figures = Vec::new();
+    let peer = "containerd 1.6 + runc";
     for (op, samples) in [("start", &start), ("teardown", &stop)] {
         let wall = |v: &[Sample]| stats(&v.iter().map(|x| x.wall).collect::<Vec<_>>());
         let cpu = |v: &[Sample]| stats(&v.iter().map(|x| x.cpu).collect::<Vec<_>>());
@@ -617,6 +623,34 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
                 c.p50 / o.p50,
                 c.p99 / o.p99
             );
+            let met = |ratio: f64| ratio >= 7.0;
+            let (unit_name, p50_target) = if kind == "wall" {
+                (format!("pod {op}"), Some(c.p50 / o.p50))
+            } else {
+                (format!("pod {op} runtime CPU"), None)
+            };
+            let p50 = Figure::versus(
+                &format!("{unit_name} p50"),
+                "ms",
+                o.p50,
+                c.p50,
+                peer,
+                Better::Lower,
+            );
+            figures.push(match p50_target {
+                Some(ratio) => p50.target(">= 7x faster", met(ratio)),
+                None => p50,
+            });
+            if kind == "wall" {
+                figures.push(Figure::versus(
+                    &format!("{unit_name} p99"),
+                    "ms",
+                    o.p99,
+                    c.p99,
+                    peer,
+                    Better::Lower,
+                ));
+            }
             report.insert(
                 format!("{op}_{}", kind.replace(' ', "_").to_lowercase()),
                 json!({"ferrolet-shim": side(o), "containerd": side(c),
@@ -679,6 +713,18 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
                    "added_pss_kib_per_pod": added}),
         );
     }
+    let per_pod = |m: Memory| m.pss_kib as f64 / n / 1024.0;
+    figures.push(
+        Figure::versus(
+            &format!("runtime PSS per running pod ({} pods)", args.running),
+            "MiB",
+            per_pod(busy[0]),
+            per_pod(busy[1]),
+            peer,
+            Better::Lower,
+        )
+        .target("< 1 MB", busy[0].pss_kib as f64 / n < 1000.0),
+    );
     println!("\nload average: {load_before} before the timed phase, {load_after} at the end");
     report.insert(
         "benchmark".into(),
@@ -696,6 +742,8 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
         serde_json::to_string_pretty(&Value::Object(report))?,
     )
     .with_context(|| format!("writing {}", args.out.display()))?;
+    ferrolet_bench::write_figures(&args.out, &figures)
+        .with_context(|| format!("writing the figures beside {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     drop(runtimes);
     drop(containerd);

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use ferrolet_bench::{Better, Figure};
 use ferrolet_control_plane::controllers::client::{ClusterClient, ResourceType, WatchEvent};
 use ferrolet_control_plane::controllers::http::HttpClient;
 use futures::StreamExt;
@@ -43,6 +44,9 @@ struct Args {
     /// Extra flags for the server (repeat), e.g. `--server-arg=--controllers=none`.
     #[arg(long)]
     server_arg: Vec<String>,
+    /// Where to write the JSON report (the headline figures go beside it).
+    #[arg(long, default_value = "bench/out/scheduler.json")]
+    out: PathBuf,
 }
 
 struct Server {
@@ -334,5 +338,42 @@ async fn main() -> Result<()> {
         "loadavg_after": loads(&load_after),
     });
     println!("{report}");
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let figures = [
+        Figure::alone(
+            &format!(
+                "{total} pods onto {} nodes, first create to last bind",
+                args.nodes
+            ),
+            "pods/s",
+            pods_per_sec,
+            Better::Higher,
+        )
+        .target(">= 1,000 pods/s", pods_per_sec >= 1000.0),
+        Figure::alone(
+            "pod creates alone",
+            "pods/s",
+            creates_per_sec,
+            Better::Higher,
+        ),
+        Figure::alone(
+            "last bind after last create",
+            "s",
+            lag.as_secs_f64(),
+            Better::Lower,
+        ),
+        Figure::alone(
+            "server CPU (API + scheduler)",
+            "s",
+            server_cpu.as_secs_f64(),
+            Better::Lower,
+        ),
+    ];
+    ferrolet_bench::write_figures(&args.out, &figures)
+        .with_context(|| format!("writing the figures beside {}", args.out.display()))?;
     Ok(())
 }

@@ -8,12 +8,14 @@
 //! SQLite runs twice: with its default durability (acknowledged writes survive kill -9)
 //! and fsyncing every group commit (they survive power loss too), to show that cost.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Parser;
+use ferrolet_bench::{Better, Figure};
 use ferrolet_control_plane::storage::etcd::{DEFAULT_ROOT, EtcdStore};
 use ferrolet_control_plane::storage::sqlite::{Durability, SqliteStore};
 use ferrolet_control_plane::storage::testing::EtcdServer;
@@ -41,6 +43,9 @@ struct Args {
     /// Writes whose delivery is timed.
     #[arg(long, default_value_t = 200)]
     watched_writes: usize,
+    /// Where to write the JSON report (the headline figures go beside it).
+    #[arg(long, default_value = "bench/out/store.json")]
+    out: PathBuf,
 }
 
 struct Report {
@@ -216,5 +221,79 @@ async fn main() -> Result<()> {
         "target sqlite creates >= 2x etcd: {} ({ratio:.2}x)",
         if ratio >= 2.0 { "met" } else { "MISSED" }
     );
+
+    let report = |r: &Report| {
+        serde_json::json!({
+            "creates_per_sec": r.creates_per_sec,
+            "list_all_ms": millis(r.list_all),
+            "watch_p50_ms": millis(r.watch_p50),
+            "watch_p99_ms": millis(r.watch_p99),
+        })
+    };
+    let doc = serde_json::json!({
+        "benchmark": "store",
+        "objects": args.objects,
+        "value_size": args.value_size,
+        "clients": args.clients,
+        "watchers": args.watchers,
+        "sqlite": report(&sqlite),
+        "sqlite_fsync": report(&sqlite_fsync),
+        "etcd": report(&etcd),
+    });
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let peer = "etcd 3.4 store";
+    let figures = [
+        Figure::versus(
+            &format!("creates ({} clients)", args.clients),
+            "objects/s",
+            sqlite.creates_per_sec,
+            etcd.creates_per_sec,
+            peer,
+            Better::Higher,
+        )
+        .target(">= 2x etcd", ratio >= 2.0),
+        Figure::versus(
+            "creates, fsync every commit",
+            "objects/s",
+            sqlite_fsync.creates_per_sec,
+            etcd.creates_per_sec,
+            peer,
+            Better::Higher,
+        ),
+        Figure::versus(
+            &format!("list {} objects (median)", args.objects),
+            "ms",
+            millis(sqlite.list_all),
+            millis(etcd.list_all),
+            peer,
+            Better::Lower,
+        ),
+        Figure::versus(
+            "write-to-watch p50",
+            "ms",
+            millis(sqlite.watch_p50),
+            millis(etcd.watch_p50),
+            peer,
+            Better::Lower,
+        ),
+        Figure::versus(
+            &format!("write-to-watch p99 ({} watchers)", args.watchers),
+            "ms",
+            millis(sqlite.watch_p99),
+            millis(etcd.watch_p99),
+            peer,
+            Better::Lower,
+        ),
+    ];
+    ferrolet_bench::write_figures(&args.out, &figures)
+        .with_context(|| format!("writing the figures beside {}", args.out.display()))?;
     Ok(())
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
