@@ -11,6 +11,7 @@ use crate::api::{ApiError, Client, Kubeconfig, KubeconfigError};
 use crate::cni::Cni;
 use crate::config::AgentConfig;
 use crate::cri::{CriError, CriRuntime, Runtime};
+use crate::node::image_gc::{HostFs, ImageGc, ImageGcPolicy};
 use crate::node::{NodeAgent, NodeSettings};
 use crate::pods::worker::Deps;
 use crate::pods::{PodContext, PodManager};
@@ -138,8 +139,21 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         )?),
         None => None,
     };
+    let events = crate::api::events::ApiEventSink::spawn(api.clone(), "kubelet", &config.node_name);
+    let image_gc = ImageGc::new(
+        runtime.clone(),
+        Arc::new(HostFs),
+        events.clone(),
+        &config.node_name,
+        ImageGcPolicy {
+            high_percent: config.image_gc_high_threshold_percent,
+            low_percent: config.image_gc_low_threshold_percent,
+            min_age: config.image_minimum_gc_age,
+        },
+    );
+    let _image_gc_task = tokio::spawn(image_gc.run(shutdown.clone()));
     let deps = Arc::new(Deps {
-        events: crate::api::events::ApiEventSink::spawn(api.clone(), "kubelet", &config.node_name),
+        events,
         mounter: Arc::new(crate::volumes::HostMounter),
         api,
         runtime,

@@ -88,6 +88,8 @@ pub struct FileConfig {
     pub image_gc_high_threshold_percent: Option<u8>,
     #[serde(rename = "imageGCLowThresholdPercent")]
     pub image_gc_low_threshold_percent: Option<u8>,
+    #[serde(rename = "imageMinimumGCAge")]
+    pub image_minimum_gc_age: Option<String>,
     pub node_labels: Option<BTreeMap<String, String>>,
     pub register_with_taints: Option<Vec<TaintConfig>>,
     pub pod_infra_container_image: Option<String>,
@@ -237,6 +239,8 @@ pub struct AgentConfig {
     pub serialize_image_pulls: bool,
     pub image_gc_high_threshold_percent: u8,
     pub image_gc_low_threshold_percent: u8,
+    /// An image first seen less than this long ago is never garbage collected.
+    pub image_minimum_gc_age: Duration,
     pub node_labels: BTreeMap<String, String>,
     pub register_with_taints: Vec<Taint>,
     pub pod_infra_container_image: String,
@@ -264,6 +268,7 @@ pub mod defaults {
     pub const RESOLV_CONF: &str = "/etc/resolv.conf";
     pub const IMAGE_GC_HIGH: u8 = 85;
     pub const IMAGE_GC_LOW: u8 = 80;
+    pub const IMAGE_MINIMUM_GC_AGE: &str = "2m";
     pub const POD_INFRA_CONTAINER_IMAGE: &str = "ferrolet.local/pause:latest";
 }
 
@@ -484,6 +489,11 @@ impl AgentConfig {
             serialize_image_pulls: file.serialize_image_pulls.unwrap_or(false),
             image_gc_high_threshold_percent: gc_high,
             image_gc_low_threshold_percent: gc_low,
+            image_minimum_gc_age: duration(
+                "imageMinimumGCAge",
+                file.image_minimum_gc_age,
+                defaults::IMAGE_MINIMUM_GC_AGE,
+            )?,
             node_labels,
             register_with_taints,
             pod_infra_container_image: flags

@@ -30,6 +30,14 @@ fn only_the_required_flags_give_working_defaults() {
     assert_eq!(c.cluster_domain, "cluster.local");
     assert_eq!(c.node_status_update_frequency, Duration::from_secs(10));
     assert_eq!(c.node_status_report_frequency, Duration::from_secs(300));
+    assert_eq!(
+        (
+            c.image_gc_high_threshold_percent,
+            c.image_gc_low_threshold_percent,
+            c.image_minimum_gc_age
+        ),
+        (85, 80, Duration::from_secs(120))
+    );
     assert!(
         c.cgroup_root.starts_with("/ferrolet"),
         "pods live under the project's own cgroup parent"
@@ -150,6 +158,7 @@ fn bad_inputs_are_rejected_with_the_field_named() {
         resolve_file("imageGCHighThresholdPercent: 50\nimageGCLowThresholdPercent: 60\n")
             .contains("imageGC")
     );
+    assert!(resolve_file("imageMinimumGCAge: soon\n").contains("imageMinimumGCAge"));
     assert!(matches!(
         AgentConfig::resolve(FileConfig::default(), &Flags::default(), "h"),
         Err(ConfigError::NoKubeconfig)

@@ -35,6 +35,13 @@ struct State {
     sandboxes: HashMap<String, Sandbox>,
     containers: HashMap<String, Container>,
     images: Vec<String>,
+    /// Sizes of images that have one (others count 0 bytes).
+    image_sizes: HashMap<String, u64>,
+    pinned_images: Vec<String>,
+    /// Images whose removal fails.
+    stuck_images: Vec<String>,
+    /// Fails ImageFsInfo when set.
+    image_fs_down: bool,
     exit_on_start: HashMap<String, i32>,
     calls: Vec<String>,
     sandbox_ip: Option<String>,
@@ -133,6 +140,34 @@ impl FakeRuntime {
             .filter(|c| c.config.metadata.as_ref().is_some_and(|m| m.name == name))
             .max_by_key(|c| c.created_at)
             .map(|c| c.config.clone())
+    }
+
+    /// Adds an image of `size` bytes; a pinned one is what runtimes report for their
+    /// sandbox (pause) image.
+    pub fn add_image(&self, name: &str, size: u64, pinned: bool) {
+        let mut s = self.lock();
+        s.images.push(name.to_owned());
+        s.image_sizes.insert(name.to_owned(), size);
+        if pinned {
+            s.pinned_images.push(name.to_owned());
+        }
+    }
+
+    /// Names of the images the runtime has, sorted.
+    pub fn image_names(&self) -> Vec<String> {
+        let mut names = self.lock().images.clone();
+        names.sort();
+        names
+    }
+
+    /// RemoveImage of `name` fails from now on.
+    pub fn refuse_removal(&self, name: &str) {
+        self.lock().stuck_images.push(name.to_owned());
+    }
+
+    /// ImageFsInfo fails from now on.
+    pub fn break_image_fs(&self) {
+        self.lock().image_fs_down = true;
     }
 
     fn record(&self, call: String) {
@@ -463,5 +498,60 @@ impl Runtime for FakeRuntime {
         }
         s.images.push(image.into());
         Ok(format!("sha256:{image}"))
+    }
+
+    async fn list_images(&self) -> Result<Vec<v1::Image>, CriError> {
+        let s = self.lock();
+        Ok(s.images
+            .iter()
+            .map(|i| v1::Image {
+                id: format!("sha256:{i}"),
+                repo_tags: vec![i.clone()],
+                size: s.image_sizes.get(i).copied().unwrap_or(0),
+                pinned: s.pinned_images.contains(i),
+                ..Default::default()
+            })
+            .collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), CriError> {
+        let mut s = self.lock();
+        s.calls.push(format!("RemoveImage {id}"));
+        let name = id.strip_prefix("sha256:").unwrap_or(id).to_owned();
+        if s.stuck_images.contains(&name) {
+            return Err(CriError::Call {
+                call: "RemoveImage",
+                target: id.into(),
+                code: tonic::Code::FailedPrecondition,
+                message: format!("{name} is stuck"),
+            });
+        }
+        s.images.retain(|i| *i != name);
+        Ok(())
+    }
+
+    async fn image_fs_info(&self) -> Result<Vec<v1::FilesystemUsage>, CriError> {
+        let s = self.lock();
+        if s.image_fs_down {
+            return Err(CriError::Call {
+                call: "ImageFsInfo",
+                target: String::new(),
+                code: tonic::Code::Unavailable,
+                message: "image store unreadable".into(),
+            });
+        }
+        let used: u64 = s
+            .images
+            .iter()
+            .map(|i| s.image_sizes.get(i).copied().unwrap_or(0))
+            .sum();
+        Ok(vec![v1::FilesystemUsage {
+            timestamp: 0,
+            fs_id: Some(v1::FilesystemIdentifier {
+                mountpoint: "/fake/images".into(),
+            }),
+            used_bytes: Some(v1::UInt64Value { value: used }),
+            inodes_used: None,
+        }])
     }
 }

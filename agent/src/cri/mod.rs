@@ -120,6 +120,14 @@ pub trait Runtime: Send + Sync + 'static {
         image: &str,
         sandbox_config: v1::PodSandboxConfig,
     ) -> impl Future<Output = Result<String, CriError>> + Send;
+    /// Every image the runtime has.
+    fn list_images(&self) -> impl Future<Output = Result<Vec<v1::Image>, CriError>> + Send;
+    /// Removes an image by id; an image already gone is not an error.
+    fn remove_image(&self, id: &str) -> impl Future<Output = Result<(), CriError>> + Send;
+    /// Usage of the filesystem(s) holding images.
+    fn image_fs_info(
+        &self,
+    ) -> impl Future<Output = Result<Vec<v1::FilesystemUsage>, CriError>> + Send;
 }
 
 /// `PodSandboxStatus` plus the runtime's verbose `info` (where runtimes put the netns path).
@@ -447,5 +455,36 @@ impl Runtime for CriRuntime {
         };
         let resp = call("PullImage", image, PULL_TIMEOUT, c.pull_image(req)).await?;
         Ok(resp.image_ref)
+    }
+
+    async fn list_images(&self) -> Result<Vec<v1::Image>, CriError> {
+        let mut c = self.images.clone();
+        let req = v1::ListImagesRequest { filter: None };
+        let resp = call("ListImages", "", CALL_TIMEOUT, c.list_images(req)).await?;
+        Ok(resp.images)
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), CriError> {
+        let mut c = self.images.clone();
+        let req = v1::RemoveImageRequest {
+            image: Some(v1::ImageSpec {
+                image: id.into(),
+                ..Default::default()
+            }),
+        };
+        not_found_is_none(call("RemoveImage", id, CALL_TIMEOUT, c.remove_image(req)).await)?;
+        Ok(())
+    }
+
+    async fn image_fs_info(&self) -> Result<Vec<v1::FilesystemUsage>, CriError> {
+        let mut c = self.images.clone();
+        let resp = call(
+            "ImageFsInfo",
+            "",
+            CALL_TIMEOUT,
+            c.image_fs_info(v1::ImageFsInfoRequest {}),
+        )
+        .await?;
+        Ok(resp.image_filesystems)
     }
 }

@@ -44,15 +44,19 @@ pub fn os_pretty_name(text: &str) -> Option<String> {
 }
 
 fn statvfs(path: &Path) -> (u64, u64) {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return (0, 0);
-    };
+    filesystem_bytes(path).unwrap_or((0, 0))
+}
+
+/// Total and available bytes of the filesystem holding `path`.
+pub fn filesystem_bytes(path: &Path) -> std::io::Result<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
     let mut buf: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a NUL-terminated path and `buf` a valid, writable statvfs.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &raw mut buf) };
     if rc != 0 {
-        return (0, 0);
+        return Err(std::io::Error::last_os_error());
     }
     #[allow(
         clippy::unnecessary_cast,
@@ -63,7 +67,7 @@ fn statvfs(path: &Path) -> (u64, u64) {
         buf.f_bavail as u64,
         buf.f_frsize as u64,
     );
-    (blocks * frsize.max(1), available * frsize.max(1))
+    Ok((blocks * frsize.max(1), available * frsize.max(1)))
 }
 
 impl SystemInfo {

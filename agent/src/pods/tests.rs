@@ -1296,6 +1296,15 @@ impl Runtime for HungForOnePod {
     ) -> Result<String, CriError> {
         self.0.pull_image(image, sandbox_config).await
     }
+    async fn list_images(&self) -> Result<Vec<v1::Image>, CriError> {
+        self.0.list_images().await
+    }
+    async fn remove_image(&self, id: &str) -> Result<(), CriError> {
+        self.0.remove_image(id).await
+    }
+    async fn image_fs_info(&self) -> Result<Vec<v1::FilesystemUsage>, CriError> {
+        self.0.image_fs_info().await
+    }
 }
 
 #[tokio::test]

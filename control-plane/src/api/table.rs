@@ -171,15 +171,26 @@ fn pod_cells(obj: &Value) -> (String, String, i64) {
         .iter()
         .filter(|s| s.get("ready").and_then(Value::as_bool) == Some(true))
         .count();
+    let init_statuses = obj
+        .pointer("/status/initContainerStatuses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let restarts: i64 = statuses
         .iter()
+        .chain(&init_statuses)
         .filter_map(|s| s.get("restartCount").and_then(Value::as_i64))
         .sum();
     let mut status = field_string(obj, "status.reason");
     if status.is_empty() {
         status = field_string(obj, "status.phase");
     }
-    for s in &statuses {
+    let init_status = init_column(obj, &init_statuses);
+    let initializing = init_status.is_some();
+    if let Some(init) = init_status {
+        status = init;
+    }
+    for s in statuses.iter().filter(|_| !initializing) {
         if let Some(reason) = s
             .pointer("/state/waiting/reason")
             .or_else(|| s.pointer("/state/terminated/reason"))
@@ -192,6 +203,51 @@ fn pod_cells(obj: &Value) -> (String, String, i64) {
         status = "Terminating".to_owned();
     }
     (format!("{ready}/{total}"), status, restarts)
+}
+
+/// kubectl's STATUS while init containers have not all finished: `Init:<reason>` for the
+/// first one that failed or waits with a reason, else `Init:<done>/<total>`; `None` once
+/// they have all succeeded (restartable sidecars count once started).
+fn init_column(obj: &Value, init_statuses: &[Value]) -> Option<String> {
+    let specs = obj
+        .pointer("/spec/initContainers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for (i, s) in init_statuses.iter().enumerate() {
+        let name = s.get("name").and_then(Value::as_str);
+        let sidecar = specs.iter().any(|c| {
+            c.get("name").and_then(Value::as_str) == name
+                && c.get("restartPolicy").and_then(Value::as_str) == Some("Always")
+        });
+        let terminated = s.pointer("/state/terminated");
+        let exit_code = terminated
+            .and_then(|t| t.get("exitCode"))
+            .and_then(Value::as_i64);
+        let waiting = s
+            .pointer("/state/waiting/reason")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty() && *r != "PodInitializing");
+        if exit_code == Some(0) || (sidecar && s.get("started") == Some(&Value::Bool(true))) {
+            continue;
+        }
+        if let Some(t) = terminated {
+            let reason = t.get("reason").and_then(Value::as_str).unwrap_or_default();
+            let signal = t.get("signal").and_then(Value::as_i64).unwrap_or(0);
+            return Some(if !reason.is_empty() {
+                format!("Init:{reason}")
+            } else if signal != 0 {
+                format!("Init:Signal:{signal}")
+            } else {
+                format!("Init:ExitCode:{}", exit_code.unwrap_or(0))
+            });
+        }
+        if let Some(reason) = waiting {
+            return Some(format!("Init:{reason}"));
+        }
+        return Some(format!("Init:{i}/{}", specs.len()));
+    }
+    None
 }
 
 fn service_ports(obj: &Value) -> String {
@@ -563,6 +619,46 @@ mod tests {
         assert_eq!(cells[2], "Running");
         assert_eq!(cells[3], "3");
         assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
+    }
+
+    #[test]
+    fn pod_row_shows_init_container_progress_and_failures() {
+        let status_of = |init: Value| {
+            let pod = json!({"metadata": {"name": "p"},
+                "spec": {"initContainers": [{"name": "i1"}, {"name": "i2"}],
+                    "containers": [{"name": "a"}]},
+                "status": {"phase": "Pending", "initContainerStatuses": init,
+                    "containerStatuses": [{"name": "a", "restartCount": 0,
+                        "state": {"waiting": {"reason": "PodInitializing"}}}]}});
+            let t = table(Kind::Pod, &[pod], json!({}), IncludeObject::None, true);
+            (
+                t["rows"][0]["cells"][2].clone(),
+                t["rows"][0]["cells"][3].clone(),
+            )
+        };
+        let done = json!({"name": "i1", "state": {"terminated": {"exitCode": 0}}});
+        assert_eq!(
+            status_of(json!([done, {"name": "i2", "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}])),
+            (json!("Init:CrashLoopBackOff"), json!("3"))
+        );
+        assert_eq!(
+            status_of(json!([{"name": "i1", "restartCount": 1,
+                "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}])),
+            (json!("Init:Error"), json!("1"))
+        );
+        assert_eq!(
+            status_of(json!([{"name": "i1", "state": {"terminated": {"exitCode": 2}}}])).0,
+            "Init:ExitCode:2"
+        );
+        assert_eq!(
+            status_of(json!([done, {"name": "i2", "state": {"running": {}}}])).0,
+            "Init:1/2"
+        );
+        assert_eq!(
+            status_of(json!([done, {"name": "i2", "state": {"terminated": {"exitCode": 0}}}])).0,
+            "PodInitializing"
+        );
     }
 
     #[test]

@@ -1133,6 +1133,11 @@ impl Shim {
 
     // ---- images ----
 
+    /// The id of the sandbox (pause) image, once the store has it.
+    pub fn pause_image_id(&self) -> Option<String> {
+        self.images.resolve(&self.cfg.pause_image).map(|p| p.id)
+    }
+
     /// Image ids used by any container (refused by RemoveImage).
     pub fn images_in_use(&self) -> Vec<String> {
         let mut ids: Vec<String> = lock(&self.containers)

@@ -431,7 +431,11 @@ impl ImageService for CriService {
                 Some(w) => shim.images.resolve(&w).into_iter().collect(),
                 None => all,
             };
-            Ok(picked.iter().map(to_cri_image).collect())
+            let pause = shim.pause_image_id();
+            Ok(picked
+                .iter()
+                .map(|r| to_cri_image(r, pause.as_ref() == Some(&r.id)))
+                .collect())
         })
         .await?;
         Ok(Response::new(v1::ListImagesResponse { images }))
@@ -444,9 +448,15 @@ impl ImageService for CriService {
         let image = req.into_inner().image.map(|i| i.image).unwrap_or_default();
         let image = str_req(&image, "image.image")?;
         let shim = self.shim.clone();
-        let found = blocking(move || Ok(shim.images.resolve(&image))).await?;
+        let found = blocking(move || {
+            Ok(shim
+                .images
+                .resolve(&image)
+                .map(|r| to_cri_image(&r, shim.pause_image_id() == Some(r.id.clone()))))
+        })
+        .await?;
         Ok(Response::new(v1::ImageStatusResponse {
-            image: found.as_ref().map(to_cri_image),
+            image: found,
             info: Default::default(),
         }))
     }
@@ -568,7 +578,8 @@ fn decode_basic(auth: &str) -> Option<(String, String)> {
     Some((u.to_string(), p.to_string()))
 }
 
-fn to_cri_image(rec: &crate::image::ImageRecord) -> v1::Image {
+/// `pinned` marks the sandbox image, which the kubelet's image GC must never remove.
+fn to_cri_image(rec: &crate::image::ImageRecord, pinned: bool) -> v1::Image {
     let uid = rec
         .config
         .user
@@ -595,7 +606,7 @@ fn to_cri_image(rec: &crate::image::ImageRecord) -> v1::Image {
             image: rec.id.clone(),
             ..Default::default()
         }),
-        pinned: false,
+        pinned,
     }
 }
 

@@ -1,0 +1,509 @@
+//! Issue 7's pod behaviours end to end, on one node of the real stack (control plane,
+//! `ferrolet-shim`, our CNI plugins, the `ferrolet` agent): probes failing and recovering,
+//! a crash loop backing off, a failing init container, a graceful delete running its
+//! preStop hook, a configMap update reaching a mounted file, `kubectl logs`, and image
+//! garbage collection. Checked through kubectl as a user would.
+//!
+//! The pod checks share one cluster: their pods are created together and each is then
+//! checked with its own deadline, so the slow ones (backoffs) overlap.
+//!
+//! Needs root, kubectl, busybox-static, and the workspace binaries built first:
+//! `cargo build -p ferrolet -p ferrolet-shim -p ferrolet-control-plane -p ferrolet-cni --bins`.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ferrolet_oci_image::{ImageFormat, ImageReference, ImageSettings, ImageSpec, Ownership};
+use ferrolet_tests::cluster::{Cluster, ClusterOptions, condition, workspace_binary};
+use ferrolet_tests::images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
+use ferrolet_tests::wait::poll_until;
+use serde_json::{Value, json};
+
+fn pod(name: &str, node: &str, grace: i64, spec: Value) -> Value {
+    let mut spec = spec;
+    spec["nodeName"] = json!(node);
+    spec["terminationGracePeriodSeconds"] = json!(grace);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+fn busybox(name: &str, script: &str) -> Value {
+    json!({
+        "name": name,
+        "image": BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["sh", "-c", script],
+    })
+}
+
+fn exec_probe(file: &str) -> Value {
+    json!({
+        "exec": {"command": ["cat", file]},
+        "periodSeconds": 1,
+        "failureThreshold": 1,
+        "timeoutSeconds": 1,
+    })
+}
+
+/// The status of the pod's first (app or init) container.
+fn first<'a>(pod: &'a Value, field: &str) -> &'a Value {
+    &pod["status"][field][0]
+}
+
+fn restarts(pod: &Value) -> i64 {
+    first(pod, "containerStatuses")["restartCount"]
+        .as_i64()
+        .unwrap_or(0)
+}
+
+fn running(pod: &Value) -> bool {
+    first(pod, "containerStatuses")["state"]["running"].is_object()
+}
+
+fn waiting_reason(status: &Value) -> Option<&str> {
+    status["state"]["waiting"]["reason"].as_str()
+}
+
+/// The STATUS column of `kubectl get pod`.
+fn kubectl_status(cluster: &Cluster, name: &str) -> String {
+    cluster
+        .kubectl_ok(&["get", "pod", name, "--no-headers"])
+        .ok()
+        .and_then(|line| line.split_whitespace().nth(2).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Reasons of the events in namespace default about the `kind` named `name`.
+fn events(cluster: &Cluster, kind: &str, name: &str) -> Vec<String> {
+    let text = cluster
+        .kubectl_ok(&["get", "events", "-o", "json"])
+        .unwrap_or_default();
+    let list: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["involvedObject"]["kind"] == kind && e["involvedObject"]["name"] == name)
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Polls `kubectl logs` (of a pod's only container) until `cond` holds; returns the logs.
+fn wait_logs(
+    cluster: &mut Cluster,
+    name: &str,
+    within: Duration,
+    what: &str,
+    cond: impl Fn(&str) -> bool,
+) -> String {
+    let mut last = String::new();
+    let ok = poll_until(within, Duration::from_millis(300), || {
+        last = cluster.kubectl_ok(&["logs", name]).unwrap_or_default();
+        cond(&last)
+    });
+    assert!(
+        ok,
+        "logs of {name} not {what} within {within:?}; last:\n{last}\n{}",
+        cluster.logs()
+    );
+    last
+}
+
+#[test]
+fn probes_crash_loops_init_failures_pre_stop_config_maps_and_logs_on_a_real_node() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).expect("cluster");
+    let node = cluster.node_name.clone();
+    let host_dir = cluster.dir.join("prestop");
+    let host_path = host_dir.to_string_lossy().into_owned();
+
+    cluster
+        .create(&json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "greeting", "namespace": "default"},
+            "data": {"message": "first-version"},
+        }))
+        .expect("configMap");
+    let mut live = busybox(
+        "app",
+        "touch /tmp/alive; sleep 3; rm /tmp/alive; exec sleep 3600",
+    );
+    live["livenessProbe"] = exec_probe("/tmp/alive");
+    let mut ready = busybox(
+        "app",
+        "sleep 12; touch /tmp/ready; echo now-ready; exec sleep 3600",
+    );
+    ready["readinessProbe"] = exec_probe("/tmp/ready");
+    let mut stopping = busybox(
+        "app",
+        "trap 'echo got-sigterm >> /host/out; exit 0' TERM; while true; do sleep 1; done",
+    );
+    stopping["volumeMounts"] = json!([{"name": "host", "mountPath": "/host"}]);
+    stopping["lifecycle"] = json!({"preStop": {"exec": {"command":
+        ["sh", "-c", "echo pre-stop-ran >> /host/out"]}}});
+    let mut reader = busybox(
+        "app",
+        "while true; do echo \"message=$(cat /etc/greeting/message)\"; sleep 1; done",
+    );
+    reader["volumeMounts"] = json!([{"name": "cfg", "mountPath": "/etc/greeting"}]);
+
+    let pods = [
+        pod("liveness", &node, 1, json!({"containers": [live]})),
+        pod("readiness", &node, 1, json!({"containers": [ready]})),
+        pod(
+            "crashloop",
+            &node,
+            1,
+            json!({"containers": [busybox("app", "echo crashing; exit 1")]}),
+        ),
+        pod(
+            "initfail",
+            &node,
+            1,
+            json!({
+                "initContainers": [busybox("init", "echo init failing; exit 1")],
+                "containers": [busybox("app", "echo app-started; exec sleep 3600")],
+            }),
+        ),
+        pod(
+            "prestop",
+            &node,
+            10,
+            json!({
+                "containers": [stopping],
+                "volumes": [{"name": "host", "hostPath":
+                    {"path": host_path, "type": "DirectoryOrCreate"}}],
+            }),
+        ),
+        pod(
+            "configmap",
+            &node,
+            1,
+            json!({
+                "containers": [reader],
+                "volumes": [{"name": "cfg", "configMap": {"name": "greeting"}}],
+            }),
+        ),
+        pod(
+            "logs",
+            &node,
+            1,
+            json!({"containers": [busybox("app", "echo line-one; echo line-two; exec sleep 3600")]}),
+        ),
+    ];
+    for p in &pods {
+        cluster.create(p).expect("create pod");
+    }
+
+    // Readiness first: its failing phase lasts only the container's first 12 seconds.
+    let pod = cluster
+        .wait_pod(
+            "default",
+            "readiness",
+            Duration::from_secs(11),
+            "running but not Ready",
+            |p| running(p) && condition(p, "Ready") == Some("False"),
+        )
+        .expect("readiness failing");
+    assert_eq!(first(&pod, "containerStatuses")["ready"], false);
+    assert_eq!(condition(&pod, "ContainersReady"), Some("False"));
+    let pod = cluster
+        .wait_pod(
+            "default",
+            "readiness",
+            Duration::from_secs(30),
+            "Ready after its probe passes",
+            |p| condition(p, "Ready") == Some("True"),
+        )
+        .expect("readiness recovered");
+    assert_eq!(first(&pod, "containerStatuses")["ready"], true);
+    assert_eq!(restarts(&pod), 0, "readiness never restarts a container");
+
+    // Liveness: the probe fails 3s in, and the container is killed and started again.
+    let pod = cluster
+        .wait_pod(
+            "default",
+            "liveness",
+            Duration::from_secs(30),
+            "restarted by its liveness probe",
+            |p| restarts(p) >= 1,
+        )
+        .expect("liveness restart");
+    assert!(
+        first(&pod, "containerStatuses")["lastState"]["terminated"].is_object(),
+        "{:#}",
+        pod["status"]
+    );
+    let unhealthy = events(&cluster, "Pod", "liveness");
+    assert!(
+        unhealthy.iter().any(|r| r == "Unhealthy"),
+        "events of the liveness pod: {unhealthy:?}"
+    );
+
+    // Crash loop: backoff shown as CrashLoopBackOff, restarts keep coming (10s, then 20s).
+    let pod = cluster
+        .wait_pod(
+            "default",
+            "crashloop",
+            Duration::from_secs(30),
+            "in CrashLoopBackOff after a restart",
+            |p| {
+                restarts(p) >= 1
+                    && waiting_reason(first(p, "containerStatuses")) == Some("CrashLoopBackOff")
+            },
+        )
+        .expect("crash loop");
+    let seen = restarts(&pod);
+    let last = &first(&pod, "containerStatuses")["lastState"]["terminated"];
+    assert_eq!(last["exitCode"], 1, "{:#}", pod["status"]);
+    assert_eq!(kubectl_status(&cluster, "crashloop"), "CrashLoopBackOff");
+    cluster
+        .wait_pod(
+            "default",
+            "crashloop",
+            Duration::from_secs(40),
+            "restarted again after its backoff",
+            |p| restarts(p) > seen,
+        )
+        .expect("crash loop restarts grow");
+
+    // A failing init container: retried with backoff, the app container never starts.
+    let pod = cluster
+        .wait_pod(
+            "default",
+            "initfail",
+            Duration::from_secs(30),
+            "shown as a failed init",
+            |p| {
+                let init = first(p, "initContainerStatuses");
+                init["restartCount"].as_i64().unwrap_or(0) >= 1
+                    && (init["lastState"]["terminated"]["exitCode"] == 1
+                        || init["state"]["terminated"]["exitCode"] == 1)
+            },
+        )
+        .expect("init failing");
+    let app = first(&pod, "containerStatuses");
+    assert_eq!(waiting_reason(app), Some("PodInitializing"), "{app:#}");
+    assert_eq!(app["restartCount"], 0);
+    assert_eq!(condition(&pod, "Initialized"), Some("False"));
+    assert_eq!(pod["status"]["phase"], "Pending");
+    // kubectl's STATUS column alternates between the two as the backoff runs.
+    let mut shown = String::new();
+    let failed_init = poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        shown = kubectl_status(&cluster, "initfail");
+        shown == "Init:Error" || shown == "Init:CrashLoopBackOff"
+    });
+    assert!(
+        failed_init,
+        "kubectl shows {shown:?}; pod status {:#}",
+        cluster
+            .pod("default", "initfail")
+            .ok()
+            .flatten()
+            .unwrap_or_default()["status"]
+    );
+    let app_logs = cluster
+        .kubectl(&["logs", "initfail", "-c", "app"])
+        .expect("kubectl logs");
+    assert!(
+        !String::from_utf8_lossy(&app_logs.stdout).contains("app-started"),
+        "the app container ran"
+    );
+
+    // kubectl logs: the container's output, whole and tailed.
+    wait_logs(
+        &mut cluster,
+        "logs",
+        Duration::from_secs(30),
+        "both lines",
+        |l| l == "line-one\nline-two\n",
+    );
+    let tail = cluster
+        .kubectl_ok(&["logs", "logs", "--tail=1"])
+        .expect("kubectl logs --tail");
+    assert_eq!(tail, "line-two\n");
+
+    // A configMap update reaches the mounted file.
+    wait_logs(
+        &mut cluster,
+        "configmap",
+        Duration::from_secs(30),
+        "showing the first version",
+        |l| l.contains("message=first-version"),
+    );
+    let changed = cluster.dir.join("greeting-v2.json");
+    fs::write(
+        &changed,
+        serde_json::to_vec(&json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "greeting", "namespace": "default"},
+            "data": {"message": "second-version"},
+        }))
+        .expect("json"),
+    )
+    .expect("write configMap");
+    cluster
+        .kubectl_ok(&["apply", "-f", &changed.to_string_lossy()])
+        .expect("kubectl apply");
+    wait_logs(
+        &mut cluster,
+        "configmap",
+        Duration::from_secs(90),
+        "showing the updated file",
+        |l| l.contains("message=second-version"),
+    );
+
+    // Graceful delete: preStop runs, then the container gets SIGTERM, and the pod goes.
+    cluster
+        .wait_pod(
+            "default",
+            "prestop",
+            Duration::from_secs(30),
+            "running",
+            running,
+        )
+        .expect("prestop pod running");
+    cluster
+        .kubectl_ok(&["delete", "pod", "prestop", "--wait=false"])
+        .expect("kubectl delete");
+    cluster
+        .wait_pod_gone("default", "prestop", Duration::from_secs(30))
+        .expect("prestop pod gone");
+    let out = fs::read_to_string(host_dir.join("out")).unwrap_or_default();
+    assert_eq!(
+        out, "pre-stop-ran\ngot-sigterm\n",
+        "the hook, then SIGTERM, each once"
+    );
+}
+
+/// Builds a one-file image `reference` as an OCI archive in `dir`.
+fn tiny_image(dir: &Path, reference: &str) -> std::path::PathBuf {
+    let layer = dir.join("spare-layer");
+    fs::create_dir_all(&layer).expect("layer dir");
+    fs::write(layer.join("spare.txt"), "only for image GC\n").expect("layer file");
+    let archive = dir.join("spare.tar");
+    ferrolet_oci_image::build_image(
+        &ImageSpec {
+            reference: ImageReference::parse(reference).expect("reference"),
+            layers: vec![layer],
+            settings: ImageSettings::default(),
+            ownership: Ownership::Fixed { uid: 0, gid: 0 },
+        },
+        ImageFormat::OciArchive,
+        &archive,
+    )
+    .expect("building the spare image");
+    archive
+}
+
+/// `ferrolet-shim images <args> --root <the cluster's>`; its stdout.
+fn shim_images(cluster: &Cluster, args: &[&str]) -> String {
+    let out = Command::new(workspace_binary("ferrolet-shim").expect("shim binary"))
+        .arg("images")
+        .args(args)
+        .arg("--root")
+        .arg(&cluster.shim_root)
+        .output()
+        .expect("running ferrolet-shim images");
+    assert!(
+        out.status.success(),
+        "ferrolet-shim images {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn has_image(listing: &str, name: &str) -> bool {
+    listing.lines().any(|l| {
+        l.split_whitespace()
+            .nth(2)
+            .is_some_and(|tags| tags.split(',').any(|t| t == name))
+    })
+}
+
+#[test]
+fn image_gc_removes_an_unused_image_and_keeps_those_in_use() {
+    const SPARE: &str = "ferrolet.local/spare:gc";
+    let mut cluster = Cluster::start(ClusterOptions::default()).expect("cluster");
+    let node = cluster.node_name.clone();
+    cluster
+        .create(&pod(
+            "user",
+            &node,
+            1,
+            json!({"containers": [busybox("app", "exec sleep 3600")]}),
+        ))
+        .expect("create pod");
+    let before = cluster
+        .wait_pod(
+            "default",
+            "user",
+            Duration::from_secs(30),
+            "running",
+            running,
+        )
+        .expect("pod running");
+    let container_id = first(&before, "containerStatuses")["containerID"].clone();
+
+    let archive = tiny_image(&cluster.dir, SPARE);
+    shim_images(&cluster, &["import", &archive.to_string_lossy()]);
+    assert!(has_image(&shim_images(&cluster, &["list"]), SPARE));
+
+    // Restarted with thresholds that always collect (no image is too young): usage can
+    // never reach 0%, so the GC removes all it may and reports that it freed too little.
+    cluster.kill_agent();
+    let config = cluster.dir.join("gc-config.yaml");
+    fs::write(
+        &config,
+        "imageGCHighThresholdPercent: 0\nimageGCLowThresholdPercent: 0\nimageMinimumGCAge: 0s\n",
+    )
+    .expect("config file");
+    cluster
+        .options
+        .agent_args
+        .extend(["--config".to_owned(), config.to_string_lossy().into_owned()]);
+    cluster.start_agent().expect("agent restart");
+
+    let mut listing = String::new();
+    let gone = poll_until(Duration::from_secs(40), Duration::from_millis(500), || {
+        listing = shim_images(&cluster, &["list"]);
+        !has_image(&listing, SPARE)
+    });
+    if !gone {
+        cluster.ensure_running().expect("the cluster's daemons");
+    }
+    assert!(gone, "{SPARE} still there:\n{listing}\n{}", cluster.logs());
+    assert!(
+        has_image(&listing, BUSYBOX_IMAGE),
+        "busybox (in use) removed:\n{listing}"
+    );
+    assert!(
+        has_image(&listing, PAUSE_IMAGE),
+        "the pause image removed:\n{listing}"
+    );
+
+    let mut reasons = Vec::new();
+    let reported = poll_until(Duration::from_secs(20), Duration::from_millis(500), || {
+        reasons = events(&cluster, "Node", &node);
+        reasons.iter().any(|r| r == "FreeDiskSpaceFailed")
+    });
+    assert!(
+        reported,
+        "no FreeDiskSpaceFailed event on the node: {reasons:?}"
+    );
+
+    let after = cluster.pod("default", "user").expect("get").expect("pod");
+    assert!(running(&after), "{:#}", after["status"]);
+    assert_eq!(
+        first(&after, "containerStatuses")["containerID"],
+        container_id
+    );
+    assert_eq!(restarts(&after), 0);
+}
