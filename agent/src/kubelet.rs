@@ -11,6 +11,7 @@ use crate::api::{ApiError, Client, Kubeconfig, KubeconfigError};
 use crate::cni::Cni;
 use crate::config::AgentConfig;
 use crate::cri::{CriError, CriRuntime, Runtime};
+use crate::node::routes::{NetlinkRouteTable, PodRoutes};
 use crate::node::{NodeAgent, NodeSettings};
 use crate::pods::worker::Deps;
 use crate::pods::{PodContext, PodManager};
@@ -27,6 +28,10 @@ pub enum KubeletError {
     Runtime(#[from] CriError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Routes(#[from] crate::node::routes::RouteError),
     #[error("creating {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -108,6 +113,21 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         runtime: runtime.clone(),
         ctx: ctx.clone(),
     });
+    // Routes to the other nodes' pod ranges, only when the cluster CIDR says which routes
+    // are the agent's to manage.
+    let routes = match &config.cluster_cidr {
+        Some(cidr) => Some(PodRoutes {
+            api: api.clone(),
+            table: NetlinkRouteTable::connect()?,
+            node_name: config.node_name.clone(),
+            cluster_cidr: crate::config::parse_cluster_cidr(cidr)?,
+        }),
+        None => {
+            info!("no clusterCIDR configured: not routing other nodes' pod ranges");
+            None
+        }
+    };
+    let _routes_task = routes.map(|r| tokio::spawn(r.run(shutdown.clone())));
     let node = Arc::new(NodeAgent {
         api: api.clone(),
         runtime: runtime.clone(),

@@ -167,6 +167,10 @@ pub struct Flags {
     /// Image of the pod infra (pause) container, for runtimes that ask.
     #[arg(long)]
     pub pod_infra_container_image: Option<String>,
+    /// IPv4 range of every pod IP in the cluster, e.g. 10.244.0.0/16; the agent routes the
+    /// other nodes' pod ranges inside it (none without it).
+    #[arg(long)]
+    pub cluster_cidr: Option<String>,
 }
 
 /// A taint to register the node with, validated.
@@ -404,6 +408,11 @@ impl AgentConfig {
             });
         }
 
+        let cluster_cidr = flags.cluster_cidr.clone().or(file.cluster_cidr);
+        if let Some(cidr) = &cluster_cidr {
+            parse_cluster_cidr(cidr)?;
+        }
+
         Ok(AgentConfig {
             kubeconfig,
             node_name,
@@ -478,7 +487,7 @@ impl AgentConfig {
                 .clone()
                 .or(file.pod_infra_container_image)
                 .unwrap_or_else(|| defaults::POD_INFRA_CONTAINER_IMAGE.into()),
-            cluster_cidr: file.cluster_cidr,
+            cluster_cidr,
             service_cluster_ip_range: file.service_cluster_ip_range,
         })
     }
@@ -487,6 +496,25 @@ impl AgentConfig {
     pub fn runtime_socket(&self) -> PathBuf {
         runtime_socket_path(&self.container_runtime_endpoint).unwrap_or_default()
     }
+}
+
+/// `clusterCIDR` as an IPv4 network; host bits must be zero, so a typo is not silently
+/// widened or narrowed.
+pub fn parse_cluster_cidr(text: &str) -> Result<ipnet::Ipv4Net, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        field: "clusterCIDR",
+        message,
+    };
+    let net: ipnet::Ipv4Net = text
+        .parse()
+        .map_err(|_| invalid(format!("{text:?} is not an IPv4 CIDR like 10.244.0.0/16")))?;
+    if net.trunc() != net {
+        return Err(invalid(format!(
+            "{text:?} has host bits set; did you mean {}?",
+            net.trunc()
+        )));
+    }
+    Ok(net)
 }
 
 /// The socket path of a `unix://` endpoint (a bare absolute path is accepted too, as the

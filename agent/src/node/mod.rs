@@ -2,6 +2,7 @@
 //! addresses, nodeInfo, conditions) reported on change and at least every report period,
 //! and the Lease in `kube-node-lease` renewed every 10 seconds.
 
+pub mod routes;
 pub mod sysinfo;
 
 use std::collections::BTreeMap;
