@@ -57,8 +57,12 @@ pub fn next_unique() -> String {
 }
 
 /// The cargo target profile dir this test binary was built in (`target/debug`), where the
-/// workspace's binaries are.
+/// workspace's binaries are; `FERROLET_TEST_BIN_DIR` overrides it (a copy of the binaries of
+/// one build, when other builds share the target dir).
 pub fn binaries_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("FERROLET_TEST_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
     let exe = std::env::current_exe().context("finding the test's own executable")?;
     // <target>/<profile>/deps/<test>-<hash>
     exe.parent()

@@ -43,20 +43,23 @@ pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The name of the pod bridge inside every host namespace.
 pub const POD_BRIDGE: &str = "cni0";
 const API_PORT: u16 = 6443;
+/// etcd's client URL inside host 0's namespace (its loopback is the test's alone).
+const ETCD_CLIENT_URL: &str = "http://127.0.0.1:2379";
+const ETCD_PEER_URL: &str = "http://127.0.0.1:2380";
 
 /// What differs between multi-node clusters a test starts.
 #[derive(Debug, Clone)]
 pub struct MultiOptions {
     pub nodes: usize,
-    /// etcd endpoints reachable from host 0's namespace; SQLite when empty.
-    pub etcd_servers: Vec<String>,
+    /// Store the cluster in a private etcd (run in host 0's namespace) instead of SQLite.
+    pub etcd: bool,
 }
 
 impl Default for MultiOptions {
     fn default() -> Self {
         MultiOptions {
             nodes: 3,
-            etcd_servers: Vec::new(),
+            etcd: false,
         }
     }
 }
@@ -148,6 +151,7 @@ pub struct MultiCluster {
     /// Every namespace created, deleted on drop.
     namespaces: Vec<String>,
     control_plane: Option<Daemon>,
+    etcd: Option<Daemon>,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -182,6 +186,7 @@ impl MultiCluster {
             bridge_netns: format!("ferrolet-mn-{unique}-br"),
             namespaces: Vec::new(),
             control_plane: None,
+            etcd: None,
             options,
             dir,
         };
@@ -207,6 +212,9 @@ impl MultiCluster {
         }
         cluster.build_network()?;
         link_cni_plugins(&cluster.cni_bin_dir)?;
+        if cluster.options.etcd {
+            cluster.start_etcd()?;
+        }
         cluster.start_control_plane()?;
         let images = cluster.dir.join("images");
         for i in 0..cluster.hosts.len() {
@@ -282,11 +290,47 @@ impl MultiCluster {
             .args(["--node-monitor-grace-period", "25s"])
             .args(["--node-monitor-period", "2s"])
             .args(["--pod-eviction-timeout", "2s"]);
-        if !self.options.etcd_servers.is_empty() {
-            cmd.arg("--etcd-servers")
-                .arg(self.options.etcd_servers.join(","));
+        if self.options.etcd {
+            cmd.arg("--etcd-servers").arg(ETCD_CLIENT_URL);
         }
         Ok(cmd)
+    }
+
+    /// Starts etcd (Debian's, or `FERROLET_ETCD`) in host 0's namespace and waits until it
+    /// reports healthy.
+    fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let binary = std::env::var_os("FERROLET_ETCD").unwrap_or_else(|| "/usr/bin/etcd".into());
+        let netns = self.hosts[0].netns.clone();
+        let mut cmd = in_netns(Some(&netns), &binary);
+        cmd.arg("--name=mn")
+            .arg(format!("--data-dir={}", self.dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={ETCD_CLIENT_URL}"))
+            .arg(format!("--advertise-client-urls={ETCD_CLIENT_URL}"))
+            .arg(format!("--listen-peer-urls={ETCD_PEER_URL}"))
+            .arg(format!("--initial-advertise-peer-urls={ETCD_PEER_URL}"))
+            .arg(format!("--initial-cluster=mn={ETCD_PEER_URL}"));
+        let mut daemon = Daemon::spawn("etcd", &mut cmd, self.dir.join("etcd.log"))?;
+        let health = format!("{ETCD_CLIENT_URL}/health");
+        let up = poll_until(START_DEADLINE, Duration::from_millis(100), || {
+            daemon.running()
+                && self.hosts[0]
+                    .exec(
+                        "curl",
+                        &["-sf", "--max-time", "2", &health],
+                        Duration::from_secs(5),
+                    )
+                    .is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\"")
+                    })
+        });
+        daemon.ensure_running()?;
+        ensure!(
+            up,
+            "etcd did not report healthy within {START_DEADLINE:?}; its log:\n{}",
+            daemon.log_tail(40)
+        );
+        self.etcd = Some(daemon);
+        Ok(())
     }
 
     /// Starts the control plane (again, after [`MultiCluster::kill_control_plane`]) and waits
@@ -471,8 +515,11 @@ impl MultiCluster {
 
     /// Fails (with the logs) if a daemon that should run died.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        if let Some(cp) = &mut self.control_plane {
-            cp.ensure_running()?;
+        for d in [&mut self.etcd, &mut self.control_plane]
+            .into_iter()
+            .flatten()
+        {
+            d.ensure_running()?;
         }
         for host in &mut self.hosts {
             for d in [&mut host.shim, &mut host.agent].into_iter().flatten() {
@@ -548,6 +595,9 @@ impl Drop for MultiCluster {
         }
         unmount_below(&self.dir);
         self.kill_control_plane();
+        if let Some(mut etcd) = self.etcd.take() {
+            etcd.kill9();
+        }
         // Deleting a namespace deletes its links: the bridge, the veths, the pod bridges.
         for ns in self.namespaces.iter().rev() {
             let _ = output_within(

@@ -376,3 +376,14 @@ fn three_nodes_spread_route_heal_scale_and_survive_a_control_plane_restart() {
         panic!("{e:#}");
     }
 }
+
+#[test]
+fn three_nodes_with_the_store_on_etcd() {
+    let options = MultiOptions {
+        etcd: true,
+        ..MultiOptions::default()
+    };
+    if let Err(e) = all_scenarios(options) {
+        panic!("{e:#}");
+    }
+}
