@@ -47,10 +47,20 @@ if ! $keep_state; then
     [[ -d $ctl ]] && find "$ctl" -depth -type d -exec rmdir {} + 2>/dev/null || true
   done
   # Anything a pod left mounted under our state (a crash mid-teardown) goes first.
-  grep -o " $home/[^ ]*" /proc/self/mounts | sort -r | while read -r m; do
+  # (grep finds nothing after a clean teardown: that is not a failure under pipefail.)
+  { grep -o " $home/[^ ]*" /proc/self/mounts || true; } | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done
   ip link del ferro0 2>/dev/null || true
+  # The service proxy leaves its chains in place when it stops (as kube-proxy does, so a
+  # restart keeps Services working); with the cluster gone, remove the jumps and the chains.
+  for table in nat filter; do
+    iptables -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j FERRO-' | sed 's/^-A /-D /' |
+      while read -r rule; do eval "iptables -t $table $rule" || true; done
+    chains=$(iptables -t "$table" -S 2>/dev/null | awk '/^-N FERRO-/ {print $2}')
+    for c in $chains; do iptables -t "$table" -F "$c" || true; done
+    for c in $chains; do iptables -t "$table" -X "$c" || true; done
+  done
   rm -rf "$home"
   echo "==> removed $home"
 fi

@@ -153,7 +153,8 @@ say "starting ferrolet on node $node"
 start agent "$home/bin/ferrolet" \
   --kubeconfig "$kubeconfig" --node-name "$node" \
   --container-runtime-endpoint "unix://$home/run/shim.sock" --root-dir "$home/agent" \
-  --cni-bin-dir "$home/cni/bin" --cni-conf-dir "$home/cni/net.d"
+  --cni-bin-dir "$home/cni/bin" --cni-conf-dir "$home/cni/net.d" \
+  --cluster-cidr "$cluster_cidr" --service-cluster-ip-range "$service_cidr"
 wait_for "node $node to be Ready" 120 \
   k wait --for=condition=Ready "node/$node" --timeout=5s
 

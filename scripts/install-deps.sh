@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   # build
-  build-essential pkg-config protobuf-compiler
+  build-essential pkg-config protobuf-compiler libprotobuf-dev
   # the real peers the tests and benchmarks use
   containerd runc etcd-server etcd-client
   iptables nftables conntrack iproute2 util-linux procps

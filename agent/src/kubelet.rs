@@ -15,6 +15,7 @@ use crate::node::routes::{NetlinkRouteTable, PodRoutes};
 use crate::node::{NodeAgent, NodeSettings};
 use crate::pods::worker::Deps;
 use crate::pods::{PodContext, PodManager};
+use crate::proxy::{ApiSource, ProxyConfig};
 use crate::server::{KubeletApi, ServerError, ServerSettings};
 
 /// What stops the kubelet from starting.
@@ -32,6 +33,10 @@ pub enum KubeletError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Routes(#[from] crate::node::routes::RouteError),
+    #[error(transparent)]
+    ProxyConfig(#[from] crate::proxy::ConfigError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::StartError),
     #[error("creating {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -134,6 +139,25 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         network: network.clone(),
         settings: NodeSettings::from_config(&config, host_ips),
     });
+    // The service proxy, configured before anything starts so a bad range fails the start.
+    let proxy_config = if config.service_proxy {
+        Some(ProxyConfig::for_node(
+            &config.node_name,
+            config.cluster_cidr.as_deref(),
+            config.service_cluster_ip_range.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let _proxy_task = match proxy_config {
+        Some(proxy_config) => Some(crate::proxy::start(
+            ApiSource::new(api.clone(), &config.node_name),
+            crate::api::events::ApiEventSink::spawn(api.clone(), "kube-proxy", &config.node_name),
+            proxy_config,
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
     let deps = Arc::new(Deps {
         events: crate::api::events::ApiEventSink::spawn(api.clone(), "kubelet", &config.node_name),
         mounter: Arc::new(crate::volumes::HostMounter),

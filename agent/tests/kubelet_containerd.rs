@@ -19,6 +19,7 @@ use ferrolet::pods::runtime_events::{ContainerEvents as _, CriEvents, is_unsuppo
 use ferrolet::pods::worker::Deps;
 use ferrolet::pods::{PodContext, PodManager};
 use ferrolet::volumes::HostMounter;
+use ferrolet_tests::cluster::PodNetwork;
 use ferrolet_tests::containerd::Containerd;
 use ferrolet_tests::images::{BUSYBOX_IMAGE, PAUSE_IMAGE, busybox_image, pause_image};
 use k8s_openapi::api::core::v1::{
@@ -89,6 +90,14 @@ fn ctr(containerd: &Containerd, args: &[&str]) {
 /// containerd with our images (the pause image also under containerd's default sandbox
 /// image name, so it never pulls) and a bridge network in its private CNI dir.
 fn setup(dir: &Path) -> (Containerd, Bridge, String, PathBuf) {
+    // The agent's log goes to the test's output, shown when a test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "ferrolet=info".into()),
+        )
+        .try_init();
     let containerd = Containerd::start().expect("start a private containerd (needs root)");
     let pause = pause_image(dir).expect("pause image");
     let busybox = busybox_image(dir).expect("busybox image");
@@ -101,16 +110,15 @@ fn setup(dir: &Path) -> (Containerd, Bridge, String, PathBuf) {
     for alias in ["k8s.gcr.io/pause:3.6", "registry.k8s.io/pause:3.6"] {
         ctr(&containerd, &["images", "tag", PAUSE_IMAGE, alias]);
     }
-    // Tests of one process run in parallel: each gets its own bridge and subnet.
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let k = NEXT.fetch_add(1, Ordering::Relaxed);
-    let n = std::process::id() % 200 + 20;
-    let bridge = Bridge(format!("fl-t{}-{k}", std::process::id()));
-    let subnet = format!("10.{n}.{}.0/24", 7 + k);
+    // Each test gets its own bridge and a subnet no route of the host overlaps: tests of
+    // other binaries run beside it with bridges of their own.
+    let net = PodNetwork::pick().expect("a free pod subnet");
+    let bridge = Bridge(net.bridge.clone());
+    let subnet = net.cidr();
     let ipam_dir = dir.join("ipam");
     let conflist = serde_json::json!({
         "cniVersion": "0.4.0",
-        "name": format!("ferrolet-test-{}-{k}", std::process::id()),
+        "name": net.name,
         "plugins": [{
             "type": "bridge",
             "bridge": bridge.0,

@@ -387,3 +387,111 @@ fn flushed_chains_restored(backend: BackendChoice) {
     assert_eq!(hits(&ok_requests(&t.client, "10.96.0.10:80", 100)).len(), 2);
 }
 both_backends!(flushed_chains_restored);
+
+fn reasons(events: &[ferrolet::proxy::ProxyEvent]) -> BTreeSet<&'static str> {
+    events.iter().map(|e| e.reason).collect()
+}
+
+/// Bad input is skipped with an Event and leaves every other Service working: a second
+/// Service on a taken ClusterIP:port, a ClusterIP outside the range, one that is no IP at
+/// all, and a slice with an invalid address and an endpoint without addresses.
+fn bad_input(backend: BackendChoice) {
+    let t = Topology::new(3);
+    let (mut p, events) = t.proxier(backend);
+    let with_meta = |name: &str, created: &str, spec: serde_json::Value| {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "default", "name": name, "creationTimestamp": created},
+            "spec": spec,
+        }))
+        .expect("service");
+        Change::ServiceUpserted(Box::new(svc))
+    };
+    let port = json!([{"name": "http", "port": 80, "protocol": "TCP"}]);
+    // web is older than twin, so web keeps 10.96.0.10:80.
+    p.apply(with_meta(
+        "web",
+        "2026-01-01T00:00:00Z",
+        json!({"clusterIP": "10.96.0.10", "ports": port}),
+    ));
+    p.apply(with_meta(
+        "twin",
+        "2026-02-01T00:00:00Z",
+        json!({"clusterIP": "10.96.0.10", "ports": port}),
+    ));
+    p.apply(service(
+        "faraway",
+        json!({"clusterIP": "10.97.0.1", "ports": port}),
+    ));
+    p.apply(service(
+        "garbled",
+        json!({"clusterIP": "10.96.0.300", "ports": port}),
+    ));
+    p.apply(service(
+        "mixed",
+        json!({"clusterIP": "10.96.0.20", "ports": port}),
+    ));
+    let ports = [("http", 80, "TCP")];
+    p.apply(slice(
+        "web",
+        &[
+            (t.endpoints[0].ip.as_str(), "n"),
+            (t.endpoints[1].ip.as_str(), "n"),
+        ],
+        &ports,
+    ));
+    p.apply(slice("twin", &[(t.endpoints[2].ip.as_str(), "n")], &ports));
+    p.apply(slice(
+        "faraway",
+        &[(t.endpoints[2].ip.as_str(), "n")],
+        &ports,
+    ));
+    let mixed: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": "default", "name": "mixed-1",
+                     "labels": {"kubernetes.io/service-name": "mixed"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["10.240.0.999"], "nodeName": "n", "conditions": {"ready": true}},
+            {"addresses": [], "nodeName": "n", "conditions": {"ready": true}},
+            {"addresses": [t.endpoints[2].ip], "nodeName": "n", "conditions": {"ready": true}},
+        ],
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+    }))
+    .expect("slice");
+    p.apply(Change::SliceUpserted(Box::new(mixed)));
+    p.sync().expect("bad input must not fail the sync");
+
+    let got = events.drain();
+    let want = BTreeSet::from([
+        "PortCollision",
+        "ClusterIPOutOfRange",
+        "InvalidClusterIP",
+        "InvalidEndpointIP",
+        "EndpointWithoutAddress",
+    ]);
+    assert!(reasons(&got).is_superset(&want), "{got:?}");
+    let collision = got
+        .iter()
+        .find(|e| e.reason == "PortCollision")
+        .expect("collision event");
+    assert_eq!(
+        (collision.kind, collision.name.as_str()),
+        ("Service", "twin")
+    );
+
+    // web keeps its address and only its own endpoints answer there.
+    let h = hits(&ok_requests(&t.client, "10.96.0.10:80", 200));
+    assert_eq!(h.keys().collect::<Vec<_>>(), ["ep0", "ep1"], "{h:?}");
+    // mixed works with the one endpoint that was valid.
+    let h = hits(&ok_requests(&t.client, "10.96.0.20:80", 20));
+    assert_eq!(h.keys().collect::<Vec<_>>(), ["ep2"], "{h:?}");
+    let nat = t.iptables_save(backend, "nat");
+    assert!(!nat.contains("10.97.0.1"), "{nat}");
+    assert!(!nat.contains("10.240.0.999"), "{nat}");
+
+    // The older Service goes away: twin gets the address at the next sync.
+    p.apply(Change::ServiceDeleted(ServiceKey::new("default", "web")));
+    p.sync().expect("sync");
+    let h = hits(&ok_requests(&t.client, "10.96.0.10:80", 20));
+    assert_eq!(h.keys().collect::<Vec<_>>(), ["ep2"], "{h:?}");
+}
+both_backends!(bad_input);

@@ -231,7 +231,10 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
-    fn pick() -> anyhow::Result<PodNetwork> {
+    /// A network for one test: a unique bridge name and a /24 that no route of this host
+    /// overlaps (tests of other processes pick from the same space and see each other's
+    /// bridges).
+    pub fn pick() -> anyhow::Result<PodNetwork> {
         let unique = next_unique();
         let routes = host_ipv4_prefixes()?;
         let seed = std::process::id() as usize * 7 + unique.len();
@@ -456,6 +459,9 @@ impl Cluster {
             .arg(format!("/{}/pods", self.cgroup.name))
             .args(["--address", "127.0.0.1", "--port"])
             .arg(self.kubelet_port.to_string())
+            // This cluster lives in the host's own network namespace, whose iptables a test
+            // must not rewrite; the proxy is tested in namespaces of its own.
+            .arg("--service-proxy=false")
             .args(&self.options.agent_args)
             .env(
                 "RUST_LOG",

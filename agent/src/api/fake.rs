@@ -103,6 +103,30 @@ impl FakeApi {
     }
 }
 
+/// Whether the object stored at `path` belongs to the list of `K` in `namespace`; with no
+/// namespace, a namespaced kind is listed across all namespaces, as the API server does.
+fn in_collection<K: ApiResource>(path: &str, namespace: Option<&str>) -> bool {
+    let prefix = format!("{}/", collection_path::<K>(namespace));
+    if let Some(name) = path.strip_prefix(&prefix) {
+        return !name.contains('/');
+    }
+    if namespace.is_some() {
+        return false;
+    }
+    let all = collection_path::<K>(Some("*"));
+    let Some((base, _)) = all.split_once("/namespaces/") else {
+        return false;
+    };
+    let Some(rest) = path
+        .strip_prefix(base)
+        .and_then(|r| r.strip_prefix("/namespaces/"))
+    else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    matches!(parts.as_slice(), [_, plural, _] if *plural == K::URL_PATH_SEGMENT)
+}
+
 fn object_name<K: ApiResource>(object: &K) -> String {
     serde_json::to_value(object)
         .ok()
@@ -128,10 +152,9 @@ impl Api for FakeApi {
         namespace: Option<&str>,
         _params: &ListParams,
     ) -> Result<ObjectList<K>, ApiError> {
-        let prefix = format!("{}/", collection_path::<K>(namespace));
         let items = lock(&self.objects)
             .iter()
-            .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+            .filter(|(k, _)| in_collection::<K>(k, namespace))
             .filter_map(|(_, v)| serde_json::from_value(v.clone()).ok())
             .collect();
         Ok(ObjectList {

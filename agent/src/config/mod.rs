@@ -95,6 +95,8 @@ pub struct FileConfig {
     pub cluster_cidr: Option<String>,
     #[serde(rename = "serviceClusterIPRange")]
     pub service_cluster_ip_range: Option<String>,
+    /// Run the service proxy (iptables for Services) in the agent; default true.
+    pub service_proxy: Option<bool>,
 }
 
 /// A taint as written in `registerWithTaints`.
@@ -167,10 +169,18 @@ pub struct Flags {
     /// Image of the pod infra (pause) container, for runtimes that ask.
     #[arg(long)]
     pub pod_infra_container_image: Option<String>,
-    /// IPv4 range of every pod IP in the cluster, e.g. 10.244.0.0/16; the agent routes the
-    /// other nodes' pod ranges inside it (none without it).
+    /// IPv4 range of every pod IP in the cluster, e.g. 10.244.0.0/16: the agent routes the
+    /// other nodes' pod ranges inside it (none without it), and the proxy masquerades traffic
+    /// from outside it to a Service.
     #[arg(long)]
     pub cluster_cidr: Option<String>,
+    /// The API server's Service range(s), comma-separated: ClusterIPs outside are refused.
+    #[arg(long)]
+    pub service_cluster_ip_range: Option<String>,
+    /// Whether the agent programs iptables for Services (`--service-proxy=false` leaves it to
+    /// another proxy).
+    #[arg(long)]
+    pub service_proxy: Option<bool>,
 }
 
 /// A taint to register the node with, validated.
@@ -234,6 +244,7 @@ pub struct AgentConfig {
     pub pod_infra_container_image: String,
     pub cluster_cidr: Option<String>,
     pub service_cluster_ip_range: Option<String>,
+    pub service_proxy: bool,
 }
 
 /// Defaults for the fields a user does not give.
@@ -488,7 +499,11 @@ impl AgentConfig {
                 .or(file.pod_infra_container_image)
                 .unwrap_or_else(|| defaults::POD_INFRA_CONTAINER_IMAGE.into()),
             cluster_cidr,
-            service_cluster_ip_range: file.service_cluster_ip_range,
+            service_cluster_ip_range: flags
+                .service_cluster_ip_range
+                .clone()
+                .or(file.service_cluster_ip_range),
+            service_proxy: flags.service_proxy.or(file.service_proxy).unwrap_or(true),
         })
     }
 

@@ -58,6 +58,31 @@ fn flags_override_the_file_and_file_overrides_defaults() {
 }
 
 #[test]
+fn service_proxy_settings_from_file_and_flags() {
+    let c = AgentConfig::resolve(FileConfig::default(), &flags_with_kubeconfig(), "h").unwrap();
+    assert!(c.service_proxy, "the proxy runs unless turned off");
+    assert_eq!(c.cluster_cidr, None);
+    let file = FileConfig::parse(
+        "clusterCIDR: 10.244.0.0/16\nserviceClusterIPRange: 10.96.0.0/12\nserviceProxy: false\n",
+        Path::new("c.yaml"),
+    )
+    .unwrap();
+    let flags = Flags {
+        cluster_cidr: Some("10.100.0.0/16".into()),
+        service_proxy: Some(true),
+        ..flags_with_kubeconfig()
+    };
+    let c = AgentConfig::resolve(file, &flags, "h").unwrap();
+    assert_eq!(
+        c.cluster_cidr.as_deref(),
+        Some("10.100.0.0/16"),
+        "flag wins"
+    );
+    assert_eq!(c.service_cluster_ip_range.as_deref(), Some("10.96.0.0/12"));
+    assert!(c.service_proxy, "flag wins");
+}
+
+#[test]
 fn taints_and_labels_from_flags() {
     let flags = Flags {
         register_with_taints: vec!["dedicated=gpu:NoSchedule".into(), "maint:NoExecute".into()],

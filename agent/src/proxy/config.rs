@@ -4,6 +4,19 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use super::iptables::BackendChoice;
+use super::run::Timing;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{field} {value:?} is not an IPv4 CIDR: {reason}")]
+    BadCidr {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
 /// Which addresses accept NodePort traffic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum NodePortAddresses {
@@ -30,6 +43,10 @@ pub struct ProxyConfig {
     pub node_port_addresses: NodePortAddresses,
     /// Accept NodePort connections on 127.0.0.1 (sets `route_localnet`).
     pub localhost_node_ports: bool,
+    /// Which iptables to drive (`Auto`: whatever `iptables` on the PATH is).
+    pub backend: BackendChoice,
+    /// How often the loop syncs, resyncs and checks for flushed chains.
+    pub timing: Timing,
 }
 
 impl ProxyConfig {
@@ -41,7 +58,25 @@ impl ProxyConfig {
             masquerade_bit: 14,
             node_port_addresses: NodePortAddresses::AllLocal,
             localhost_node_ports: true,
+            backend: BackendChoice::Auto,
+            timing: Timing::default(),
         }
+    }
+
+    /// The configuration of the agent's settings: `cluster_cidr` (the pod network) and
+    /// `service_ranges` (the API server's `--service-cluster-ip-range`, comma-separated),
+    /// as the agent's config file spells them. IPv6 entries are left to an IPv6 proxy.
+    pub fn for_node(
+        node_name: impl Into<String>,
+        cluster_cidr: Option<&str>,
+        service_ranges: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg = Self::new(node_name);
+        cfg.cluster_cidr = parse_v4_cidrs("clusterCIDR", cluster_cidr.unwrap_or(""))?
+            .into_iter()
+            .next();
+        cfg.service_cidrs = parse_v4_cidrs("serviceClusterIPRange", service_ranges.unwrap_or(""))?;
+        Ok(cfg)
     }
 
     pub(crate) fn masquerade_mark(&self) -> String {
@@ -50,5 +85,55 @@ impl ProxyConfig {
 
     pub(crate) fn in_service_range(&self, ip: Ipv4Addr) -> bool {
         self.service_cidrs.is_empty() || self.service_cidrs.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn parse_v4_cidrs(field: &'static str, text: &str) -> Result<Vec<Ipv4Net>, ConfigError> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(n)) => out.push(n),
+            Ok(ipnet::IpNet::V6(_)) => {}
+            Err(e) => {
+                return Err(ConfigError::BadCidr {
+                    field,
+                    value: part.to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_settings_become_ranges_and_bad_ones_are_named() {
+        let cfg = ProxyConfig::for_node(
+            "n1",
+            Some("10.244.0.0/16"),
+            Some("10.96.0.0/12, fd00::/108"),
+        )
+        .expect("config");
+        assert_eq!(
+            cfg.cluster_cidr,
+            Some("10.244.0.0/16".parse().expect("cidr"))
+        );
+        assert_eq!(
+            cfg.service_cidrs,
+            vec!["10.96.0.0/12".parse::<Ipv4Net>().expect("cidr")]
+        );
+        let none = ProxyConfig::for_node("n1", None, None).expect("config");
+        assert!(none.cluster_cidr.is_none() && none.service_cidrs.is_empty());
+
+        let err = ProxyConfig::for_node("n1", None, Some("10.96.0.0/33")).expect_err("bad");
+        assert!(
+            err.to_string()
+                .contains("serviceClusterIPRange \"10.96.0.0/33\""),
+            "{err}"
+        );
     }
 }

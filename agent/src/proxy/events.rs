@@ -11,6 +11,8 @@ pub struct ProxyEvent {
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
+    /// The object's uid, when known (`kubectl describe` finds Events by it).
+    pub uid: Option<String>,
     /// A CamelCase reason, as Kubernetes Events carry.
     pub reason: &'static str,
     pub message: String,

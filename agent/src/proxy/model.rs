@@ -123,6 +123,7 @@ fn service_event(key: &ServiceKey, reason: &'static str, message: String) -> Pro
         kind: "Service",
         namespace: key.namespace.clone(),
         name: key.name.clone(),
+        uid: None,
         reason,
         message,
     }
@@ -380,6 +381,7 @@ pub fn build_service(
                     kind: "EndpointSlice",
                     namespace: key.namespace.clone(),
                     name: slice_name.clone(),
+                    uid: None,
                     reason: "EndpointWithoutAddress",
                     message: format!(
                         "an endpoint of Service {key} (node {:?}) has no addresses; skipped",
@@ -393,6 +395,7 @@ pub fn build_service(
                     kind: "EndpointSlice",
                     namespace: key.namespace.clone(),
                     name: slice_name.clone(),
+                    uid: None,
                     reason: "InvalidEndpointIP",
                     message: format!(
                         "endpoint address {addr:?} of Service {key} is not an IPv4 address; skipped"

@@ -256,7 +256,8 @@ impl Proxier {
         // A chain one Service dropped may be one another Service now writes (a shared name
         // cannot happen across Services, but be safe).
         chain_deletes.retain(|c| !chain_writes.contains(c));
-        for ev in problems {
+        for mut ev in problems {
+            ev.uid = self.state.uid(ev.kind, &ev.namespace, &ev.name);
             tracing::warn!(
                 kind = ev.kind,
                 namespace = %ev.namespace,

@@ -29,7 +29,7 @@ impl Default for Timing {
     }
 }
 
-fn lock(p: &Mutex<Proxier>) -> std::sync::MutexGuard<'_, Proxier> {
+pub(super) fn lock(p: &Mutex<Proxier>) -> std::sync::MutexGuard<'_, Proxier> {
     p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -69,8 +69,9 @@ pub async fn run(
             .min()
             .unwrap_or(next_full);
         tokio::select! {
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() { return; }
+            r = shutdown.changed() => {
+                // A dropped sender stops the loop too (else `changed` fails at once, forever).
+                if r.is_err() || *shutdown.borrow() { return; }
             }
             change = changes.recv() => {
                 let Some(change) = change else { return };
@@ -100,7 +101,9 @@ pub async fn run(
                 let Some(result) = result else { continue };
                 if let Some(h) = health.as_mut() {
                     let checks = lock(&proxier).health_checks();
-                    h.update(&checks);
+                    for e in h.update(&checks) {
+                        tracing::warn!(error = %e, "health check node port");
+                    }
                 }
                 if let Some(tx) = &synced {
                     let _ = tx.send(result.map_err(|e| e.to_string()));

@@ -134,6 +134,26 @@ impl ProxyState {
             .collect()
     }
 
+    /// The uid of a Service or an EndpointSlice we hold, for Events about it.
+    pub fn uid(&self, kind: &str, namespace: &str, name: &str) -> Option<String> {
+        let meta = match kind {
+            "Service" => {
+                &self
+                    .services
+                    .get(&ServiceKey::new(namespace, name))?
+                    .metadata
+            }
+            "EndpointSlice" => {
+                &self
+                    .slices
+                    .get(&(namespace.to_owned(), name.to_owned()))?
+                    .metadata
+            }
+            _ => return None,
+        };
+        meta.uid.clone()
+    }
+
     pub fn node(&self) -> Option<&Node> {
         self.node.as_ref()
     }

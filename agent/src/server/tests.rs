@@ -130,6 +130,10 @@ async fn healthz_pods_and_bad_paths() {
                 namespace: Some("default".into()),
                 ..Default::default()
             },
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: Some("node-a".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         },
     );

@@ -8,6 +8,10 @@
 //! - full resync with the rules in place (the periodic full sync) vs restoring it again;
 //! - one endpoint change: ferrolet's partial sync vs kube-proxy's partial restore (which
 //!   always rewrites KUBE-SERVICES plus the changed Service's chains);
+//! - the floor under any change at that table size: `iptables-restore --noflush` of one
+//!   empty chain created and deleted (legacy reads and replaces the whole table blob in the
+//!   kernel for it; nf_tables fetches and commits only the named chain), and for legacy the
+//!   read alone (an empty `*nat` commit, which libiptc does not write back);
 //!
 //! and the bytes each writes. Prints a Markdown table and writes JSON.
 
@@ -261,32 +265,45 @@ fn in_netns<T: Send + 'static>(
 #[derive(Debug, Clone, Copy, Default)]
 struct Cost {
     wall: Duration,
+    /// This process and the tools it waited for.
     cpu: Duration,
+    /// The tools alone (`iptables-restore`, `conntrack`).
+    tools: Duration,
 }
 
-fn cpu_now() -> Duration {
-    use nix::sys::resource::{UsageWho, getrusage};
+fn cpu_of(who: nix::sys::resource::UsageWho) -> Duration {
     let tv = |t: nix::sys::time::TimeVal| {
         Duration::from_secs(u64::try_from(t.tv_sec()).unwrap_or(0))
             + Duration::from_micros(u64::try_from(t.tv_usec()).unwrap_or(0))
     };
-    [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN]
-        .into_iter()
-        .filter_map(|w| getrusage(w).ok())
+    nix::sys::resource::getrusage(who)
         .map(|u| tv(u.user_time()) + tv(u.system_time()))
-        .sum()
+        .unwrap_or_default()
 }
 
-struct Clock(Instant, Duration);
+/// (this thread, the children waited for). The benchmark's work runs on one thread; other
+/// threads of the process are idle, but the thread figure keeps them out anyway.
+fn cpu_now() -> (Duration, Duration) {
+    use nix::sys::resource::UsageWho;
+    (
+        cpu_of(UsageWho::RUSAGE_THREAD),
+        cpu_of(UsageWho::RUSAGE_CHILDREN),
+    )
+}
+
+struct Clock(Instant, (Duration, Duration));
 
 impl Clock {
     fn start() -> Self {
         Self(Instant::now(), cpu_now())
     }
     fn stop(&self) -> Cost {
+        let (own, tools) = cpu_now();
+        let tools = tools.saturating_sub(self.1.1);
         Cost {
             wall: self.0.elapsed(),
-            cpu: cpu_now().saturating_sub(self.1),
+            cpu: own.saturating_sub(self.1.0) + tools,
+            tools,
         }
     }
 }
@@ -318,14 +335,32 @@ fn restore(tool: &str, payload: &str, noflush: bool) -> Result<Cost> {
 }
 
 fn median(v: &[Cost]) -> Cost {
-    let mut wall: Vec<Duration> = v.iter().map(|c| c.wall).collect();
-    let mut cpu: Vec<Duration> = v.iter().map(|c| c.cpu).collect();
-    wall.sort();
-    cpu.sort();
+    let pick = |f: fn(&Cost) -> Duration| {
+        let mut x: Vec<Duration> = v.iter().map(f).collect();
+        x.sort();
+        x.get(x.len() / 2).copied().unwrap_or_default()
+    };
     Cost {
-        wall: wall[wall.len() / 2],
-        cpu: cpu[cpu.len() / 2],
+        wall: pick(|c| c.wall),
+        cpu: pick(|c| c.cpu),
+        tools: pick(|c| c.tools),
     }
+}
+
+/// The cheapest changes `tool` can make to the nat table as it stands: (create and delete
+/// one empty chain, read the table without writing it), medians of `n` runs.
+fn floors(tool: &str, n: usize) -> Result<(Cost, Cost)> {
+    let mut noop = Vec::new();
+    let mut read = Vec::new();
+    for _ in 0..n {
+        noop.push(restore(
+            tool,
+            "*nat\n:FERRO-BENCH-FLOOR - [0:0]\n-X FERRO-BENCH-FLOOR\nCOMMIT\n",
+            true,
+        )?);
+        read.push(restore(tool, "*nat\nCOMMIT\n", true)?);
+    }
+    Ok((median(&noop), median(&read)))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -341,9 +376,17 @@ struct BackendResult {
     full: Measure,
     resync: Measure,
     change: Measure,
+    /// One empty chain created and deleted, on ferrolet's table and on kube-proxy's.
+    floor: Measure,
+    /// An empty nat commit (legacy: the table read alone).
+    read: Measure,
 }
 
-fn ours(args: &Args, choice: BackendChoice, ns: &str) -> Result<(Measure, Measure, Measure)> {
+const FLOOR_RUNS: usize = 7;
+
+type Ours = (Measure, Measure, Measure, Measure, Measure);
+
+fn ours(args: &Args, choice: BackendChoice, tool: &'static str, ns: &str) -> Result<Ours> {
     let (services, per, changes) = (args.services, args.endpoints, args.changes);
     in_netns(ns, move || {
         let exec = Arc::new(HostExec::new());
@@ -381,20 +424,21 @@ fn ours(args: &Args, choice: BackendChoice, ns: &str) -> Result<(Measure, Measur
             }
             bytes = r.bytes;
         }
-        Ok((full, resync, (median(&times), bytes)))
+        let (floor, read) = floors(tool, FLOOR_RUNS)?;
+        Ok((full, resync, (median(&times), bytes), floor, read))
     })
-    .map(|(full, resync, change)| {
+    .map(|(full, resync, change, floor, read)| {
         let m = |(t, b): (Cost, usize)| Measure {
             ours: t,
             ours_bytes: b,
             base: Cost::default(),
             base_bytes: 0,
         };
-        (m(full), m(resync), m(change))
+        (m(full), m(resync), m(change), m((floor, 0)), m((read, 0)))
     })
 }
 
-fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Cost, usize); 3]> {
+fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Cost, usize); 5]> {
     let (services, per, changes) = (args.services, args.endpoints, args.changes);
     in_netns(ns, move || {
         let full = kp_full(services, per);
@@ -419,10 +463,13 @@ fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Cost, usize);
             back[0] = old;
             restore(tool, &kp_partial(services, i, &back, ips[0]), true)?;
         }
+        let (floor, read) = floors(tool, FLOOR_RUNS)?;
         Ok([
             (t_full, full.len()),
             (t_resync, full.len()),
             (median(&times), bytes),
+            (floor, 0),
+            (read, 0),
         ])
     })
 }
@@ -445,6 +492,7 @@ fn main() -> Result<()> {
         ],
         other => bail!("--backend must be legacy, nft or both, not {other:?}"),
     };
+    let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut results = Vec::new();
     for (label, choice, tool) in backends {
         eprintln!(
@@ -452,7 +500,8 @@ fn main() -> Result<()> {
             args.services, args.endpoints
         );
         let ns = Netns::new(format!("fbench-proxy-{}-{label}-ours", std::process::id()))?;
-        let (mut full, mut resync, mut change) = ours(&args, choice, &ns.0)?;
+        let (mut full, mut resync, mut change, mut floor, mut read) =
+            ours(&args, choice, tool, &ns.0)?;
         if args.keep {
             eprintln!("{label}: keeping namespace {}", ns.0);
             std::mem::forget(ns);
@@ -461,9 +510,15 @@ fn main() -> Result<()> {
         }
         eprintln!("{label}: kube-proxy-shaped baseline");
         let ns = Netns::new(format!("fbench-proxy-{}-{label}-kp", std::process::id()))?;
-        let [bf, br, bc] = baseline(&args, tool, &ns.0)?;
+        let [bf, br, bc, bfl, brd] = baseline(&args, tool, &ns.0)?;
         drop(ns);
-        for (m, (t, b)) in [(&mut full, bf), (&mut resync, br), (&mut change, bc)] {
+        for (m, (t, b)) in [
+            (&mut full, bf),
+            (&mut resync, br),
+            (&mut change, bc),
+            (&mut floor, bfl),
+            (&mut read, brd),
+        ] {
             m.base = t;
             m.base_bytes = b;
         }
@@ -472,6 +527,8 @@ fn main() -> Result<()> {
             full,
             resync,
             change,
+            floor,
+            read,
         });
     }
 
@@ -490,6 +547,8 @@ fn main() -> Result<()> {
             ("full sync (empty tables)", r.full),
             ("full resync (rules in place)", r.resync),
             ("one endpoint change", r.change),
+            ("floor: one empty chain created and deleted", r.floor),
+            ("floor: empty nat commit (table read)", r.read),
         ] {
             let wall = ratio(m.base.wall, m.ours.wall);
             let cpu = ratio(m.base.cpu, m.ours.cpu);
@@ -508,12 +567,32 @@ fn main() -> Result<()> {
                 "ferrolet_ms": ms(m.ours.wall), "baseline_ms": ms(m.base.wall), "speedup": wall,
                 "ferrolet_cpu_ms": ms(m.ours.cpu), "baseline_cpu_ms": ms(m.base.cpu), "cpu_speedup": cpu,
                 "ferrolet_bytes": m.ours_bytes, "baseline_bytes": m.base_bytes,
+                "ferrolet_tool_cpu_ms": ms(m.ours.tools), "baseline_tool_cpu_ms": ms(m.base.tools),
             }));
         }
     }
+    println!();
+    for r in &results {
+        let c = r.change.ours;
+        println!(
+            "{}: one endpoint change: {:.1} ms wall, {:.1} ms CPU = {:.1} ms ferrolet + {:.1} ms iptables-restore; the floor of any change at this table size is {:.1} ms wall, {:.1} ms CPU",
+            r.backend,
+            ms(c.wall),
+            ms(c.cpu),
+            ms(c.cpu.saturating_sub(c.tools)),
+            ms(c.tools),
+            ms(r.floor.ours.wall),
+            ms(r.floor.ours.cpu),
+        );
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    println!("\nload average at the end of the run: {}", load.join(" "));
+    let start: Vec<&str> = load_start.split_whitespace().take(3).collect();
+    println!(
+        "\nload average (1, 5, 15 min) at the start of the run: {}; at the end: {} (2 cores)",
+        start.join(" "),
+        load.join(" ")
+    );
     let doc = json!({
         "benchmark": "proxy",
         "loadavg": load,

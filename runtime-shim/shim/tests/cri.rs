@@ -49,10 +49,17 @@ impl Server {
             cgroup_parent: unique("ferrolet-test"),
             busybox: busybox.name.clone(),
         };
+        s.import(&busybox.oci_archive);
+        s.start();
+        s
+    }
+
+    /// `ferrolet-shim images import` of an image archive into this server's root.
+    fn import(&self, archive: &Path) {
         let out = Command::new(SHIM)
             .args(["images", "import", "--root"])
-            .arg(s.root())
-            .arg(&busybox.oci_archive)
+            .arg(self.root())
+            .arg(archive)
             .output()
             .unwrap();
         assert!(
@@ -60,8 +67,6 @@ impl Server {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        s.start();
-        s
     }
 
     fn start(&mut self) {
@@ -920,5 +925,51 @@ async fn images_are_pulled_from_a_registry_and_bad_pulls_leave_nothing() {
     assert!(
         std::fs::read_dir(&tmp).unwrap().next().is_none(),
         "partial pull left in {tmp:?}"
+    );
+}
+
+/// `ferrolet-shim images import` beside a running server, as the quick start does: the
+/// server answers ImageStatus and ListImages with the new image without a restart.
+#[tokio::test]
+async fn an_image_imported_while_the_shim_runs_is_seen_by_it() {
+    let s = Server::new();
+    let (_rt, mut img) = s.clients().await;
+    let dir = s.tmp.path().join("later");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pause = ferrolet_tests::images::pause_image(&dir).unwrap();
+    let status = async |img: &mut ImageServiceClient<Channel>| {
+        img.image_status(v1::ImageStatusRequest {
+            image: Some(v1::ImageSpec {
+                image: pause.name.clone(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+    };
+    assert!(status(&mut img).await.is_none(), "not imported yet");
+
+    s.import(&pause.oci_archive);
+
+    let found = status(&mut img)
+        .await
+        .expect("the running shim sees the import");
+    assert!(found.repo_tags.contains(&pause.name), "{found:?}");
+    let listed = img
+        .list_images(v1::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert!(
+        listed.iter().any(|i| i.repo_tags.contains(&pause.name)),
+        "{listed:?}"
+    );
+    assert!(
+        listed.iter().any(|i| i.repo_tags.contains(&s.busybox)),
+        "the image from before is still there: {listed:?}"
     );
 }

@@ -103,6 +103,28 @@ pub fn normalize(reference: &str) -> Result<ImageReference, ImageError> {
         })
 }
 
+/// Every readable image record in `dir`, by id; unreadable ones are skipped with a warning.
+fn load_records(dir: &Path) -> Result<BTreeMap<String, ImageRecord>, ImageError> {
+    let mut images = BTreeMap::new();
+    for e in std::fs::read_dir(dir)
+        .map_err(io_err("list", dir))?
+        .flatten()
+    {
+        let Ok(data) = std::fs::read(e.path()) else {
+            continue;
+        };
+        match serde_json::from_slice::<ImageRecord>(&data) {
+            Ok(rec) => {
+                images.insert(rec.id.clone(), rec);
+            }
+            Err(err) => {
+                tracing::warn!(path = %e.path().display(), %err, "skipping unreadable image record");
+            }
+        }
+    }
+    Ok(images)
+}
+
 impl ImageStore {
     /// Opens (or creates) the store at `root` and loads its image records.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
@@ -118,29 +140,25 @@ impl ImageStore {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        let mut images = BTreeMap::new();
-        let dir = root.join("images");
-        for e in std::fs::read_dir(&dir)
-            .map_err(io_err("list", &dir))?
-            .flatten()
-        {
-            let Ok(data) = std::fs::read(e.path()) else {
-                continue;
-            };
-            match serde_json::from_slice::<ImageRecord>(&data) {
-                Ok(rec) => {
-                    images.insert(rec.id.clone(), rec);
-                }
-                Err(err) => {
-                    tracing::warn!(path = %e.path().display(), %err, "skipping unreadable image record");
-                }
-            }
-        }
+        let images = load_records(&root.join("images"))?;
         Ok(ImageStore {
             root,
             images: RwLock::new(images),
             write: Mutex::new(()),
         })
+    }
+
+    /// Reads the image records from disk again: `ferrolet-shim images import` may have added
+    /// or retagged images while the server had this store open.
+    pub fn reload(&self) {
+        let _guard = self
+            .write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match load_records(&self.root.join("images")) {
+            Ok(images) => *self.write_images() = images,
+            Err(err) => tracing::warn!(%err, "re-reading the image records"),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -307,11 +325,20 @@ impl ImageStore {
 
     /// All images, sorted by id.
     pub fn list(&self) -> Vec<ImageRecord> {
+        self.reload();
         self.read_images().values().cloned().collect()
     }
 
-    /// Finds an image by id (`sha256:...`, or the bare hex), by name, or by `name@digest`.
+    /// Finds an image by id (`sha256:...`, or the bare hex), by name, or by `name@digest`;
+    /// on a miss, looks at the records on disk again before saying no.
     pub fn resolve(&self, reference: &str) -> Option<ImageRecord> {
+        self.resolve_loaded(reference).or_else(|| {
+            self.reload();
+            self.resolve_loaded(reference)
+        })
+    }
+
+    fn resolve_loaded(&self, reference: &str) -> Option<ImageRecord> {
         let images = self.read_images();
         let reference = reference.trim();
         if reference.is_empty() {
