@@ -14,6 +14,9 @@
 //! reports NotReady (no CNI configuration) and gets no pods. Each agent routes the other
 //! nodes' ranges to their host IPs (`--cluster-cidr`), so pods reach each other by pod IP.
 //!
+//! Each agent runs its service proxy, so Services are programmed into each host's own
+//! iptables, never this machine's.
+//!
 //! Dropping the [`MultiCluster`] stops every agent and shim, kills what is left in their
 //! cgroup parents, unmounts what the shims mounted, stops the control plane, deletes the
 //! namespaces (and with them the bridge, veths and pod bridges) and removes the temp dir,
@@ -40,6 +43,8 @@ use crate::wait::poll_until;
 /// The range every pod IP of the cluster comes from; it only exists inside the test's
 /// namespaces, so it cannot clash with this machine's routes.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The range of Service ClusterIPs, also only inside the test's namespaces.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 /// The name of the pod bridge inside every host namespace.
 pub const POD_BRIDGE: &str = "cni0";
 const API_PORT: u16 = 6443;
@@ -240,6 +245,19 @@ impl MultiCluster {
         self.add_netns(&br)?;
         ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        // The segment's gateway, as a real host has one: without a default route a host
+        // cannot even start a connection to a ClusterIP (the route lookup comes before the
+        // proxy's DNAT). The bridge namespace forwards nothing, so traffic stays inside.
+        let gateway = self.gateway();
+        ip(&[
+            "-n",
+            &br,
+            "addr",
+            "add",
+            &format!("{gateway}/24"),
+            "dev",
+            "br0",
+        ])?;
         for i in 0..self.hosts.len() {
             let (ns, addr) = (self.hosts[i].netns.clone(), self.hosts[i].ip);
             self.add_netns(&ns)?;
@@ -259,6 +277,15 @@ impl MultiCluster {
                 "eth0",
             ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+            ])?;
             // Hosts forward between their pod bridge and eth0.
             let out = self.hosts[i].exec(
                 "sysctl",
@@ -274,6 +301,12 @@ impl MultiCluster {
         Ok(())
     }
 
+    /// The bridge's address on the hosts' segment.
+    fn gateway(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.hosts[0].ip.octets();
+        Ipv4Addr::new(a, b, c, 254)
+    }
+
     fn control_plane_command(&self) -> anyhow::Result<Command> {
         let host = &self.hosts[0];
         let mut cmd = in_netns(
@@ -285,6 +318,7 @@ impl MultiCluster {
             .arg("--listen")
             .arg(format!("{}:{API_PORT}", host.ip))
             .args(["--cluster-cidr", CLUSTER_CIDR])
+            .args(["--service-cluster-ip-range", SERVICE_CIDR])
             // Short enough that losing a node shows within a test, longer than two lease
             // renewals (10s each) so a busy machine does not flap nodes.
             .args(["--node-monitor-grace-period", "25s"])
@@ -407,6 +441,8 @@ impl MultiCluster {
             .arg("--cgroup-root")
             .arg(format!("/{}/pods", host.cgroup.name))
             .args(["--cluster-cidr", CLUSTER_CIDR])
+            // The proxy programs Services into this host's own namespace.
+            .args(["--service-cluster-ip-range", SERVICE_CIDR])
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

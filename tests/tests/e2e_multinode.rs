@@ -1,6 +1,7 @@
 //! Three nodes end to end (see `ferrolet_tests::multinode`): each a network namespace acting
-//! as a host with its own `ferrolet-shim`, CNI state and `ferrolet` agent, joined by a
-//! bridge; host 0 also runs the control plane. Driven with kubectl only.
+//! as a host with its own `ferrolet-shim`, CNI state and `ferrolet` agent (with its service
+//! proxy), joined by a bridge; host 0 also runs the control plane. Driven with kubectl, and
+//! with curl and pods as clients.
 //!
 //! One cluster runs all scenarios in order, because each builds on the state the previous
 //! one left (the Deployment, the nodes' health) and starting three hosts costs more than
@@ -22,6 +23,7 @@ use serde_json::{Value, json};
 
 const NS: &str = "default";
 const APP: &str = "app=web";
+const NODE_PORT: u16 = 30080;
 
 fn deployment(replicas: u32) -> Value {
     json!({
@@ -34,14 +36,18 @@ fn deployment(replicas: u32) -> Value {
             "template": {
                 "metadata": {"labels": {"app": "web"}},
                 "spec": {
-                    "terminationGracePeriodSeconds": 2,
+                    "terminationGracePeriodSeconds": 6,
                     "containers": [{
                         "name": "web",
                         "image": BUSYBOX_IMAGE,
                         "imagePullPolicy": "Never",
+                        // On SIGTERM the server keeps answering for 3s, long enough for every
+                        // node's proxy to drop the terminating endpoint, as a real app's
+                        // graceful shutdown (or a preStop sleep) does.
                         "command": ["sh", "-c",
-                            "mkdir -p /www; echo hello from $(hostname) > /www/index.html; \
-                             exec httpd -f -p 8080 -h /www"],
+                            "mkdir -p /www; echo ${GREETING:-hello} from $(hostname) > /www/index.html; \
+                             httpd -f -p 8080 -h /www & pid=$!; \
+                             trap 'sleep 3; kill $pid; exit 0' TERM; wait $pid"],
                         "ports": [{"containerPort": 8080}],
                         "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
                     }],
@@ -102,6 +108,42 @@ fn bridges_match_the_api(c: &MultiCluster) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// GET `url` with curl from host `i`'s network namespace; the body of a 2xx answer.
+fn curl_from(c: &MultiCluster, i: usize, url: &str) -> anyhow::Result<String> {
+    let out = c.hosts[i].exec(
+        "curl",
+        &["-sSf", "--max-time", "3", url],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        out.status.success(),
+        "curl {url} from host {i}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The Service's ClusterIP URL and every node's NodePort URL.
+fn service_urls(c: &MultiCluster) -> anyhow::Result<Vec<String>> {
+    let ip = c.kubectl_ok(&[
+        "get",
+        "service",
+        "-n",
+        NS,
+        "web",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    ensure!(!ip.trim().is_empty(), "the Service has no ClusterIP");
+    let mut urls = vec![format!("http://{}:80/", ip.trim())];
+    urls.extend(
+        c.hosts
+            .iter()
+            .map(|h| format!("http://{}:{NODE_PORT}/", h.ip)),
+    );
+    Ok(urls)
 }
 
 fn scale(c: &MultiCluster, replicas: u32) -> anyhow::Result<()> {
@@ -238,6 +280,212 @@ fn pods_spread_and_reach_each_other(c: &mut MultiCluster) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// (f) a NodePort Service over the Deployment answers on its ClusterIP and on every node's
+/// NodePort, from every host and from a pod on every node.
+fn service_answers_everywhere(c: &mut MultiCluster) -> anyhow::Result<()> {
+    c.create(&json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {
+            "type": "NodePort",
+            "selector": {"app": "web"},
+            "ports": [{"port": 80, "targetPort": 8080, "nodePort": NODE_PORT}],
+        },
+    }))?;
+    let urls = service_urls(c)?;
+    let mut last = String::new();
+    let from_hosts = poll_until(Duration::from_secs(60), Duration::from_millis(250), || {
+        for i in 0..c.hosts.len() {
+            for url in &urls {
+                match curl_from(c, i, url) {
+                    Ok(body) if body.starts_with("hello from web-") => {}
+                    Ok(body) => {
+                        last = format!("host {i}, {url}: answered {body:?}");
+                        return false;
+                    }
+                    Err(e) => {
+                        last = format!("{e:#}");
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    });
+    ensure!(
+        from_hosts,
+        "the Service did not answer on {urls:?} from every host within 60s; last: {last}\n{}",
+        c.logs()
+    );
+
+    // A pod on every node tries every URL (retrying for at most 20s each) and prints one line
+    // per answer.
+    let script = urls
+        .iter()
+        .map(|u| {
+            format!(
+                "ok=; for i in $(seq 20); do if timeout 3 wget -q -O - {u}; then ok=1; break; fi; \
+                 sleep 1; done; [ -n \"$ok\" ] || {{ echo FAILED {u}; exit 1; }}; "
+            )
+        })
+        .collect::<String>();
+    for i in 0..c.hosts.len() {
+        c.create(&json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": format!("svc-client-{i}"), "namespace": NS},
+            "spec": {
+                "nodeName": c.hosts[i].node_name,
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "client",
+                    "image": BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", script],
+                }],
+            },
+        }))?;
+    }
+    for i in 0..c.hosts.len() {
+        let name = format!("svc-client-{i}");
+        let mut phase = Value::Null;
+        let finished = poll_until(Duration::from_secs(120), Duration::from_millis(250), || {
+            phase = c
+                .kubectl_ok(&[
+                    "get",
+                    "pod",
+                    "-n",
+                    NS,
+                    &name,
+                    "-o",
+                    "jsonpath={.status.phase}",
+                ])
+                .map(|p| Value::from(p.trim()))
+                .unwrap_or_default();
+            phase == "Succeeded" || phase == "Failed"
+        });
+        let logs = c.kubectl(&["logs", "-n", NS, &name])?;
+        let logs = String::from_utf8_lossy(&logs.stdout).into_owned()
+            + &String::from_utf8_lossy(&logs.stderr);
+        let answers = logs
+            .lines()
+            .filter(|l| l.starts_with("hello from web-"))
+            .count();
+        ensure!(
+            finished && phase == "Succeeded" && answers == urls.len(),
+            "a pod on node {i} reaching the Service at {urls:?}: phase {phase}, output {logs:?}\n{}",
+            c.logs()
+        );
+        c.kubectl_ok(&["delete", "pod", "-n", NS, &name, "--wait=false"])?;
+    }
+    Ok(())
+}
+
+/// (g) a rolling update of the Deployment's template while host 0 sends requests to the
+/// ClusterIP without pause: every request answered, by the old and then by the new pods.
+/// (Only one image exists here, so the update changes the template's environment, which
+/// rolls the pods the same way a new image does.)
+fn rolling_update_without_failed_requests(c: &mut MultiCluster) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let url = service_urls(c)?.remove(0);
+    let netns = c.hosts[0].netns.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (stop, answered, url) = (stop.clone(), answered.clone(), url.clone());
+        std::thread::spawn(move || {
+            let mut answers: Vec<String> = Vec::new();
+            let mut failures: Vec<String> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let out = ferrolet_tests::process::output_within(
+                    ferrolet_tests::cluster::in_netns(Some(&netns), "curl").args([
+                        "-sSf",
+                        "--max-time",
+                        "5",
+                        &url,
+                    ]),
+                    Duration::from_secs(10),
+                );
+                match out {
+                    Ok(o) if o.status.success() => {
+                        answers.push(String::from_utf8_lossy(&o.stdout).trim().to_owned());
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(o) => failures.push(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
+                    Err(e) => failures.push(format!("{e:#}")),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (answers, failures)
+        })
+    };
+    let rolled = (|| -> anyhow::Result<()> {
+        // Some answers from the old pods first.
+        c.wait_for(
+            Duration::from_secs(10),
+            "the client's first answers",
+            |_| Ok(answered.load(Ordering::Relaxed) >= 5),
+        )?;
+        c.kubectl_ok(&[
+            "patch",
+            "-n",
+            NS,
+            "deployment/web",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op": "add", "path": "/spec/template/spec/containers/0/env", "value": [{"name": "GREETING", "value": "v2"}]}]"#,
+        ])?;
+        c.wait_for(
+            Duration::from_secs(120),
+            "the rolling update finished (3 new pods Ready, the old ones gone)",
+            |c| {
+                let pods = c.pods(NS, APP)?;
+                let new_ready = pods
+                    .iter()
+                    .filter(|p| ready(p))
+                    .filter(|p| p["spec"]["containers"][0]["env"][0]["value"] == "v2")
+                    .count();
+                Ok(new_ready == 3 && pods.len() == 3)
+            },
+        )?;
+        // The new pods answer through the proxy.
+        c.wait_for(Duration::from_secs(10), "an answer from a new pod", |c| {
+            Ok(curl_from(c, 0, &url)?.starts_with("v2 from "))
+        })
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let (answers, failures) = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))?;
+    rolled?;
+    ensure!(
+        failures.is_empty(),
+        "{} of {} requests to {url} failed during the rolling update: {failures:?}",
+        failures.len(),
+        answers.len() + failures.len()
+    );
+    let old = answers
+        .iter()
+        .filter(|a| a.starts_with("hello from "))
+        .count();
+    let new = answers.iter().filter(|a| a.starts_with("v2 from ")).count();
+    ensure!(
+        old > 0 && new > 0,
+        "answers went from old to new pods: {old} old, {new} new of {}",
+        answers.len()
+    );
+    eprintln!(
+        "rolling update: {} requests through {url}, 0 failed ({old} old, {new} new)",
+        answers.len()
+    );
+    Ok(())
+}
+
 /// (d) node `victim`'s agent stops: the node goes NotReady and its pod is replaced on the
 /// other nodes; the agent starts again: the node is Ready, the replaced pod leaves the API
 /// and its sandbox leaves the host.
@@ -267,6 +515,12 @@ fn lost_node_heals(c: &mut MultiCluster, victim: usize) -> anyhow::Result<()> {
                 .sum();
             Ok(elsewhere == 3)
         },
+    )?;
+    let cluster_ip = service_urls(c)?.remove(0);
+    c.wait_for(
+        Duration::from_secs(30),
+        "the Service answering from host 0 while a node is down",
+        |c| Ok(curl_from(c, 0, &cluster_ip)?.starts_with("hello from web-")),
     )?;
     c.start_agent(victim)?;
     c.wait_node_ready(victim, Duration::from_secs(60))?;
@@ -347,11 +601,15 @@ fn all_scenarios(options: MultiOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut c = MultiCluster::start(options).context("starting three nodes")?;
     eprintln!("three nodes Ready after {:?}", started.elapsed());
-    let scenarios: [(&str, Scenario); 5] = [
+    let scenarios: [(&str, Scenario); 7] = [
         ("(a) nodes register and route", nodes_register_and_route),
         (
             "(b) spread and pod-to-pod",
             pods_spread_and_reach_each_other,
+        ),
+        (
+            "(f) Service by ClusterIP and NodePort from every node and pod",
+            service_answers_everywhere,
         ),
         ("(d) a node's agent stops and comes back", |c| {
             lost_node_heals(c, 2)
@@ -360,6 +618,10 @@ fn all_scenarios(options: MultiOptions) -> anyhow::Result<()> {
         (
             "(e) control plane kill -9 and restart",
             control_plane_restart,
+        ),
+        (
+            "(g) rolling update through the Service without a failed request",
+            rolling_update_without_failed_requests,
         ),
     ];
     for (what, scenario) in scenarios {
