@@ -12,12 +12,15 @@
 //! `cargo build -p ferrolet -p ferrolet-shim -p ferrolet-control-plane -p ferrolet-cni --bins`.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use ferrolet_tests::cluster::condition;
+use ferrolet_tests::cluster::{condition, in_netns};
 use ferrolet_tests::images::BUSYBOX_IMAGE;
 use ferrolet_tests::multinode::{MultiCluster, MultiOptions};
+use ferrolet_tests::process::output_within;
 use ferrolet_tests::wait::poll_until;
 use serde_json::{Value, json};
 
@@ -383,52 +386,76 @@ fn service_answers_everywhere(c: &mut MultiCluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client in host 0's namespace sending GETs to one URL back to back until stopped.
+struct LoadClient {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<(Vec<String>, Vec<String>)>,
+}
+
+impl LoadClient {
+    fn start(c: &MultiCluster, url: &str) -> LoadClient {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (netns, url) = (c.hosts[0].netns.clone(), url.to_owned());
+        let thread = {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let out = output_within(
+                        in_netns(Some(&netns), "curl").args(["-sSf", "--max-time", "5", &url]),
+                        Duration::from_secs(10),
+                    );
+                    match out {
+                        Ok(o) if o.status.success() => {
+                            answers.push(String::from_utf8_lossy(&o.stdout).trim().to_owned());
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(o) => {
+                            failures.push(String::from_utf8_lossy(&o.stderr).trim().to_owned());
+                        }
+                        Err(e) => failures.push(format!("{e:#}")),
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                (answers, failures)
+            })
+        };
+        LoadClient {
+            stop,
+            answered,
+            thread,
+        }
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Stops; the bodies answered and the errors of the requests that failed.
+    fn stop(self) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client thread panicked"))
+    }
+}
+
 /// (g) a rolling update of the Deployment's template while host 0 sends requests to the
 /// ClusterIP without pause: every request answered, by the old and then by the new pods.
 /// (Only one image exists here, so the update changes the template's environment, which
 /// rolls the pods the same way a new image does.)
 fn rolling_update_without_failed_requests(c: &mut MultiCluster) -> anyhow::Result<()> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
     let url = service_urls(c)?.remove(0);
-    let netns = c.hosts[0].netns.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let client = {
-        let (stop, answered, url) = (stop.clone(), answered.clone(), url.clone());
-        std::thread::spawn(move || {
-            let mut answers: Vec<String> = Vec::new();
-            let mut failures: Vec<String> = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let out = ferrolet_tests::process::output_within(
-                    ferrolet_tests::cluster::in_netns(Some(&netns), "curl").args([
-                        "-sSf",
-                        "--max-time",
-                        "5",
-                        &url,
-                    ]),
-                    Duration::from_secs(10),
-                );
-                match out {
-                    Ok(o) if o.status.success() => {
-                        answers.push(String::from_utf8_lossy(&o.stdout).trim().to_owned());
-                        answered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(o) => failures.push(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
-                    Err(e) => failures.push(format!("{e:#}")),
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            (answers, failures)
-        })
-    };
+    let client = LoadClient::start(c, &url);
     let rolled = (|| -> anyhow::Result<()> {
         // Some answers from the old pods first.
         c.wait_for(
             Duration::from_secs(10),
             "the client's first answers",
-            |_| Ok(answered.load(Ordering::Relaxed) >= 5),
+            |_| Ok(client.answered() >= 5),
         )?;
         c.kubectl_ok(&[
             "patch",
@@ -458,10 +485,7 @@ fn rolling_update_without_failed_requests(c: &mut MultiCluster) -> anyhow::Resul
             Ok(curl_from(c, 0, &url)?.starts_with("v2 from "))
         })
     })();
-    stop.store(true, Ordering::Relaxed);
-    let (answers, failures) = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("the client thread panicked"))?;
+    let (answers, failures) = client.stop()?;
     rolled?;
     ensure!(
         failures.is_empty(),
@@ -564,9 +588,34 @@ fn scale_up_and_down(c: &mut MultiCluster) -> anyhow::Result<()> {
     )
 }
 
-/// (e) `kill -9` of the control plane and a restart: nodes stay Ready, the pods are the same
-/// ones, and the agents' watches work again (a new replica runs).
+/// (e) `kill -9` of the control plane and a restart while host 0 sends requests through the
+/// Service: none fails, nodes stay Ready, the pods are the same ones, and the agents' watches
+/// work again (a new replica runs).
 fn control_plane_restart(c: &mut MultiCluster) -> anyhow::Result<()> {
+    let url = service_urls(c)?.remove(0);
+    let client = LoadClient::start(c, &url);
+    let outcome = control_plane_restart_under(c, &client);
+    let (answers, failures) = client.stop()?;
+    outcome?;
+    ensure!(
+        failures.is_empty() && !answers.is_empty(),
+        "{} of {} requests to {url} failed while the control plane restarted: {failures:?}",
+        failures.len(),
+        answers.len() + failures.len()
+    );
+    eprintln!(
+        "control plane restart: {} requests through {url}, 0 failed",
+        answers.len()
+    );
+    Ok(())
+}
+
+fn control_plane_restart_under(c: &mut MultiCluster, client: &LoadClient) -> anyhow::Result<()> {
+    c.wait_for(
+        Duration::from_secs(10),
+        "the client's first answers",
+        |_| Ok(client.answered() >= 5),
+    )?;
     let before: BTreeSet<String> = c.pods(NS, APP)?.iter().map(uid_of).collect();
     c.kill_control_plane();
     c.start_control_plane()?;
