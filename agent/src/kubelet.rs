@@ -12,6 +12,7 @@ use crate::cni::Cni;
 use crate::config::AgentConfig;
 use crate::cri::{CriError, CriRuntime, Runtime};
 use crate::node::image_gc::{HostFs, ImageGc, ImageGcPolicy};
+use crate::node::routes::{NetlinkRouteTable, PodRoutes};
 use crate::node::{NodeAgent, NodeSettings};
 use crate::pods::worker::Deps;
 use crate::pods::{PodContext, PodManager};
@@ -29,6 +30,10 @@ pub enum KubeletError {
     Runtime(#[from] CriError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Routes(#[from] crate::node::routes::RouteError),
     #[error(transparent)]
     ProxyConfig(#[from] crate::proxy::ConfigError),
     #[error(transparent)]
@@ -114,6 +119,21 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         runtime: runtime.clone(),
         ctx: ctx.clone(),
     });
+    // Routes to the other nodes' pod ranges, only when the cluster CIDR says which routes
+    // are the agent's to manage.
+    let routes = match &config.cluster_cidr {
+        Some(cidr) => Some(PodRoutes {
+            api: api.clone(),
+            table: NetlinkRouteTable::connect()?,
+            node_name: config.node_name.clone(),
+            cluster_cidr: crate::config::parse_cluster_cidr(cidr)?,
+        }),
+        None => {
+            info!("no clusterCIDR configured: not routing other nodes' pod ranges");
+            None
+        }
+    };
+    let _routes_task = routes.map(|r| tokio::spawn(r.run(shutdown.clone())));
     let node = Arc::new(NodeAgent {
         api: api.clone(),
         runtime: runtime.clone(),

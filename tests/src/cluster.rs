@@ -38,7 +38,7 @@ pub const CNI_PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "portmap"
 /// How long one kubectl call may take.
 const KUBECTL_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a daemon may take to come up.
-const START_DEADLINE: Duration = Duration::from_secs(60);
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Fails unless this process is root: the cluster needs namespaces, cgroups and netlink.
 pub fn require_root() -> anyhow::Result<()> {
@@ -51,7 +51,8 @@ pub fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn next_unique() -> String {
+/// `<pid>-<n>`, unique within this test process run.
+pub fn next_unique() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
         "{}-{}",
@@ -62,7 +63,12 @@ fn next_unique() -> String {
 
 /// The cargo target profile dir this program was built in (`target/debug`), where the
 /// workspace's binaries are: above `deps/` for a test, beside it for a binary (a benchmark).
+/// `FERROLET_TEST_BIN_DIR` overrides it (a copy of the binaries of one build, when other
+/// builds share the target dir).
 pub fn binaries_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("FERROLET_TEST_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
     let exe = std::env::current_exe().context("finding the program's own executable")?;
     // A test: <target>/<profile>/deps/<test>-<hash>; a binary: <target>/<profile>/<name>.
     let dir = exe.parent();
@@ -158,7 +164,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Daemon> {
+    /// Starts `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Daemon> {
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -451,39 +458,20 @@ impl Cluster {
         fs::create_dir_all(&self.cni_bin_dir)?;
         fs::create_dir_all(&self.cni_conf_dir)?;
         fs::create_dir_all(&self.ipam_dir)?;
-        for plugin in CNI_PLUGINS {
-            let bin = workspace_binary(plugin)?;
-            std::os::unix::fs::symlink(&bin, self.cni_bin_dir.join(plugin))
-                .with_context(|| format!("linking {}", bin.display()))?;
-        }
-        fs::write(
-            self.cni_conf_dir.join("10-e2e.conflist"),
-            serde_json::to_vec_pretty(&self.conflist())?,
-        )?;
-        Ok(())
+        link_cni_plugins(&self.cni_bin_dir)?;
+        self.write_conflist(&self.cni_conf_dir)
     }
 
-    /// The pod network's conflist: bridge + host-local + portmap.
-    fn conflist(&self) -> Value {
+    /// The pod network's conflist (bridge + host-local + portmap) in `conf_dir`.
+    fn write_conflist(&self, conf_dir: &Path) -> anyhow::Result<()> {
         let net = &self.network;
-        json!({
-            "cniVersion": "1.0.0",
-            "name": net.name,
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": net.bridge,
-                    "isGateway": true,
-                    "ipMasq": false,
-                    "ipam": {
-                        "type": "host-local",
-                        "dataDir": self.ipam_dir,
-                        "ranges": [[{"subnet": net.cidr()}]],
-                    },
-                },
-                {"type": "portmap", "capabilities": {"portMappings": true}},
-            ],
-        })
+        write_bridge_conflist(
+            conf_dir,
+            &net.name,
+            &net.bridge,
+            &self.ipam_dir,
+            &net.cidr(),
+        )
     }
 
     /// A private containerd with our pause and busybox images, the pause image also under
@@ -501,10 +489,7 @@ impl Cluster {
         for alias in ["k8s.gcr.io/pause:3.6", "registry.k8s.io/pause:3.6"] {
             containerd.ctr_ok(&["images", "tag", &pause.name, alias])?;
         }
-        fs::write(
-            containerd.root.join("cni/net.d/10-e2e.conflist"),
-            serde_json::to_vec_pretty(&self.conflist())?,
-        )?;
+        self.write_conflist(&containerd.root.join("cni/net.d"))?;
         self.cri_socket.clone_from(&containerd.socket);
         self.containerd = Some(containerd);
         Ok(())
@@ -516,46 +501,10 @@ impl Cluster {
     }
 
     fn start_shim(&mut self) -> anyhow::Result<()> {
-        let bin = workspace_binary("ferrolet-shim")?;
-        let images = self.dir.join("images");
-        fs::create_dir_all(&images)?;
-        let busybox = busybox_image(&images)?;
-        let out = output_within(
-            Command::new(&bin)
-                .args(["images", "import", "--root"])
-                .arg(&self.shim_root)
-                .arg(&busybox.oci_archive),
-            Duration::from_secs(120),
-        )?;
-        ensure!(
-            out.status.success(),
-            "ferrolet-shim images import: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut daemon = Daemon::spawn(
-            "ferrolet-shim",
-            Command::new(&bin)
-                .arg("serve")
-                .arg("--socket")
-                .arg(&self.cri_socket)
-                .arg("--root")
-                .arg(&self.shim_root)
-                .arg("--cgroup-parent")
-                .arg(&self.cgroup.name)
-                .arg("--pause-binary")
-                .arg(pause_binary()?),
-            self.dir.join("shim.log"),
-        )?;
-        let up = poll_until(START_DEADLINE, Duration::from_millis(20), || {
-            !daemon.running() || std::os::unix::net::UnixStream::connect(&self.cri_socket).is_ok()
-        });
-        daemon.ensure_running()?;
-        ensure!(
-            up,
-            "ferrolet-shim did not listen on {} within {START_DEADLINE:?}",
-            self.cri_socket.display()
-        );
-        self.shim = Some(daemon);
+        import_busybox(&self.shim_root, &self.dir.join("images"))?;
+        let mut cmd = shim_command(&self.cri_socket, &self.shim_root, &self.cgroup)?;
+        let daemon = Daemon::spawn("ferrolet-shim", &mut cmd, self.dir.join("shim.log"))?;
+        self.shim = Some(wait_listening(daemon, &self.cri_socket)?);
         Ok(())
     }
 
@@ -643,34 +592,17 @@ impl Cluster {
 
     /// Runs kubectl with the admin kubeconfig.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Output> {
-        output_within(
-            Command::new("kubectl")
-                .arg("--kubeconfig")
-                .arg(&self.kubeconfig)
-                .args(args),
-            KUBECTL_DEADLINE,
-        )
+        kubectl_in(None, &self.kubeconfig, args)
     }
 
     /// Runs kubectl and returns its stdout; fails with its stderr when it fails.
     pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.kubectl(args)?;
-        ensure!(
-            out.status.success(),
-            "kubectl {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        kubectl_ok_in(None, &self.kubeconfig, args)
     }
 
     /// `kubectl create -f` of one object given as JSON.
     pub fn create(&self, object: &Value) -> anyhow::Result<()> {
-        let file = self.dir.join(format!("object-{}.json", next_unique()));
-        fs::write(&file, serde_json::to_vec(object)?)?;
-        let path = file.to_string_lossy().into_owned();
-        self.kubectl_ok(&["create", "-f", &path])?;
-        Ok(())
+        create_in(None, &self.kubeconfig, &self.dir, object)
     }
 
     /// The pod as JSON, `None` when the API does not have it.
@@ -829,6 +761,153 @@ impl Drop for Cluster {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Runs kubectl with `kubeconfig`, inside the named network namespace when given (through
+/// `nsenter --net`, so the mount namespace and files stay this process's).
+pub fn kubectl_in(netns: Option<&str>, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Output> {
+    let mut cmd = in_netns(netns, "kubectl");
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
+    output_within(&mut cmd, KUBECTL_DEADLINE)
+}
+
+/// [`kubectl_in`], returning stdout; fails with its stderr when kubectl fails.
+pub fn kubectl_ok_in(
+    netns: Option<&str>,
+    kubeconfig: &Path,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let out = kubectl_in(netns, kubeconfig, args)?;
+    ensure!(
+        out.status.success(),
+        "kubectl {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `kubectl create -f` of one object given as JSON, through a file in `dir`.
+pub fn create_in(
+    netns: Option<&str>,
+    kubeconfig: &Path,
+    dir: &Path,
+    object: &Value,
+) -> anyhow::Result<()> {
+    let file = dir.join(format!("object-{}.json", next_unique()));
+    fs::write(&file, serde_json::to_vec(object)?)?;
+    let path = file.to_string_lossy().into_owned();
+    kubectl_ok_in(netns, kubeconfig, &["create", "-f", &path])?;
+    Ok(())
+}
+
+/// A command for `program`, run inside the named network namespace when given.
+pub fn in_netns(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}")).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Symlinks our CNI plugin executables into `bin_dir`.
+pub fn link_cni_plugins(bin_dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(bin_dir)?;
+    for plugin in CNI_PLUGINS {
+        let bin = workspace_binary(plugin)?;
+        std::os::unix::fs::symlink(&bin, bin_dir.join(plugin))
+            .with_context(|| format!("linking {}", bin.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes `<conf_dir>/10-e2e.conflist`: bridge (a gateway, no masquerade) with host-local
+/// IPs from `subnet` and a default route through the bridge, then portmap.
+pub fn write_bridge_conflist(
+    conf_dir: &Path,
+    name: &str,
+    bridge: &str,
+    ipam_dir: &Path,
+    subnet: &str,
+) -> anyhow::Result<()> {
+    let conflist = json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": ipam_dir,
+                    "ranges": [[{"subnet": subnet}]],
+                    // Pods reach other nodes' pods (and anything else) through the bridge.
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ],
+    });
+    fs::create_dir_all(conf_dir)?;
+    fs::write(
+        conf_dir.join("10-e2e.conflist"),
+        serde_json::to_vec_pretty(&conflist)?,
+    )?;
+    Ok(())
+}
+
+/// Imports the busybox test image (built into `images_dir`) into a shim root.
+pub fn import_busybox(shim_root: &Path, images_dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(images_dir)?;
+    let busybox = busybox_image(images_dir)?;
+    let out = output_within(
+        Command::new(workspace_binary("ferrolet-shim")?)
+            .args(["images", "import", "--root"])
+            .arg(shim_root)
+            .arg(&busybox.oci_archive),
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        out.status.success(),
+        "ferrolet-shim images import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `ferrolet-shim serve` on `socket` with its own root and cgroup parent.
+pub fn shim_command(socket: &Path, root: &Path, cgroup: &CgroupParent) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(workspace_binary("ferrolet-shim")?);
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--root")
+        .arg(root)
+        .arg("--cgroup-parent")
+        .arg(&cgroup.name)
+        .arg("--pause-binary")
+        .arg(pause_binary()?);
+    Ok(cmd)
+}
+
+/// Waits until `daemon` accepts connections on the unix socket; fails if it exits first.
+pub fn wait_listening(mut daemon: Daemon, socket: &Path) -> anyhow::Result<Daemon> {
+    let up = poll_until(START_DEADLINE, Duration::from_millis(20), || {
+        !daemon.running() || std::os::unix::net::UnixStream::connect(socket).is_ok()
+    });
+    daemon.ensure_running()?;
+    ensure!(
+        up,
+        "{} did not listen on {} within {START_DEADLINE:?}",
+        daemon.name,
+        socket.display()
+    );
+    Ok(daemon)
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

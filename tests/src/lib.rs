@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod images;
 pub mod mounts;
+pub mod multinode;
 pub mod process;
 pub mod wait;
 

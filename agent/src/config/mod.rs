@@ -171,7 +171,9 @@ pub struct Flags {
     /// Image of the pod infra (pause) container, for runtimes that ask.
     #[arg(long)]
     pub pod_infra_container_image: Option<String>,
-    /// The pod network, e.g. 10.244.0.0/16: traffic from outside it to a Service is masqueraded.
+    /// IPv4 range of every pod IP in the cluster, e.g. 10.244.0.0/16: the agent routes the
+    /// other nodes' pod ranges inside it (none without it), and the proxy masquerades traffic
+    /// from outside it to a Service.
     #[arg(long)]
     pub cluster_cidr: Option<String>,
     /// The API server's Service range(s), comma-separated: ClusterIPs outside are refused.
@@ -422,6 +424,11 @@ impl AgentConfig {
             });
         }
 
+        let cluster_cidr = flags.cluster_cidr.clone().or(file.cluster_cidr);
+        if let Some(cidr) = &cluster_cidr {
+            parse_cluster_cidr(cidr)?;
+        }
+
         Ok(AgentConfig {
             kubeconfig,
             node_name,
@@ -501,7 +508,7 @@ impl AgentConfig {
                 .clone()
                 .or(file.pod_infra_container_image)
                 .unwrap_or_else(|| defaults::POD_INFRA_CONTAINER_IMAGE.into()),
-            cluster_cidr: flags.cluster_cidr.clone().or(file.cluster_cidr),
+            cluster_cidr,
             service_cluster_ip_range: flags
                 .service_cluster_ip_range
                 .clone()
@@ -514,6 +521,25 @@ impl AgentConfig {
     pub fn runtime_socket(&self) -> PathBuf {
         runtime_socket_path(&self.container_runtime_endpoint).unwrap_or_default()
     }
+}
+
+/// `clusterCIDR` as an IPv4 network; host bits must be zero, so a typo is not silently
+/// widened or narrowed.
+pub fn parse_cluster_cidr(text: &str) -> Result<ipnet::Ipv4Net, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        field: "clusterCIDR",
+        message,
+    };
+    let net: ipnet::Ipv4Net = text
+        .parse()
+        .map_err(|_| invalid(format!("{text:?} is not an IPv4 CIDR like 10.244.0.0/16")))?;
+    if net.trunc() != net {
+        return Err(invalid(format!(
+            "{text:?} has host bits set; did you mean {}?",
+            net.trunc()
+        )));
+    }
+    Ok(net)
 }
 
 /// The socket path of a `unix://` endpoint (a bare absolute path is accepted too, as the

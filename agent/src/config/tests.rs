@@ -166,6 +166,35 @@ fn bad_inputs_are_rejected_with_the_field_named() {
 }
 
 #[test]
+fn cluster_cidr_from_flag_or_file_must_be_an_ipv4_network() {
+    let file = FileConfig::parse("clusterCIDR: 10.244.0.0/16\n", Path::new("c.yaml")).unwrap();
+    let c = AgentConfig::resolve(file.clone(), &flags_with_kubeconfig(), "h").unwrap();
+    assert_eq!(c.cluster_cidr.as_deref(), Some("10.244.0.0/16"));
+    let flags = Flags {
+        cluster_cidr: Some("10.32.0.0/12".into()),
+        ..flags_with_kubeconfig()
+    };
+    let c = AgentConfig::resolve(file, &flags, "h").unwrap();
+    assert_eq!(c.cluster_cidr.as_deref(), Some("10.32.0.0/12"));
+    let c = AgentConfig::resolve(FileConfig::default(), &flags_with_kubeconfig(), "h").unwrap();
+    assert_eq!(c.cluster_cidr, None, "no cluster CIDR unless given");
+    for bad in [
+        "10.244.0.0",
+        "10.244.1.0/16",
+        "fd00::/64",
+        "10.244.0.0/33",
+        "nonsense",
+    ] {
+        let flags = Flags {
+            cluster_cidr: Some(bad.into()),
+            ..flags_with_kubeconfig()
+        };
+        let err = AgentConfig::resolve(FileConfig::default(), &flags, "h").unwrap_err();
+        assert!(err.to_string().starts_with("clusterCIDR: "), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn go_durations() {
     assert_eq!(parse_duration("1m0s").unwrap(), Duration::from_secs(60));
     assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));

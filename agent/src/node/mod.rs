@@ -3,6 +3,7 @@
 //! and the Lease in `kube-node-lease` renewed every 10 seconds.
 
 pub mod image_gc;
+pub mod routes;
 pub mod sysinfo;
 
 use std::collections::BTreeMap;

@@ -733,13 +733,25 @@ impl DeploymentController {
             Duration::from_secs(1),
             move |ev| me.on_deployment(ev),
         ));
+        // Until the first list of ReplicaSets is in the cache, an owner would seem to own none
+        // and be reconciled from nothing (after a restart: every replica made again).
+        let (listed_tx, mut listed) = tokio::sync::watch::channel(false);
         let me = self.clone();
         tokio::spawn(reflect::<ReplicaSet>(
             Arc::clone(&self.client),
             None,
             Duration::from_secs(1),
-            move |ev| me.on_replicaset(ev),
+            move |ev| {
+                let full_list = matches!(ev, Event::Restarted(_));
+                me.on_replicaset(ev);
+                if full_list {
+                    listed_tx.send_replace(true);
+                }
+            },
         ));
+        if listed.wait_for(|l| *l).await.is_err() {
+            return;
+        }
         super::run_workers(self.queue.clone(), workers, move |key| {
             let me = self.clone();
             async move { me.reconcile(&key).await }

@@ -422,12 +422,21 @@ impl ReplicaSetController {
 
     /// Runs the controller: watches, and `workers` reconcile loops.
     pub async fn run(self, workers: usize) {
+        // Until the first list of pods is in the cache, an owner would seem to own none
+        // and be reconciled from nothing (after a restart: every replica made again).
+        let (listed_tx, mut listed) = tokio::sync::watch::channel(false);
         let me = self.clone();
         tokio::spawn(reflect::<Pod>(
             Arc::clone(&self.client),
             None,
             Duration::from_secs(1),
-            move |ev| me.on_pod(ev),
+            move |ev| {
+                let full_list = matches!(ev, Event::Restarted(_));
+                me.on_pod(ev);
+                if full_list {
+                    listed_tx.send_replace(true);
+                }
+            },
         ));
         let me = self.clone();
         tokio::spawn(reflect::<ReplicaSet>(
@@ -436,6 +445,9 @@ impl ReplicaSetController {
             Duration::from_secs(1),
             move |ev| me.on_replicaset(ev),
         ));
+        if listed.wait_for(|l| *l).await.is_err() {
+            return;
+        }
         super::run_workers(self.queue.clone(), workers, move |key| {
             let me = self.clone();
             async move { me.reconcile(&key).await }
