@@ -28,7 +28,7 @@ use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::containerd::Containerd;
-use crate::images::{busybox_image, pause_binary, pause_image};
+use crate::images::{busybox_image, busybox_v2_image, pause_binary, pause_image};
 use crate::mounts::unmount_below;
 use crate::process::output_within;
 use crate::wait::poll_until;
@@ -865,11 +865,13 @@ pub fn write_bridge_conflist(
 pub fn import_busybox(shim_root: &Path, images_dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(images_dir)?;
     let busybox = busybox_image(images_dir)?;
+    let v2 = busybox_v2_image(images_dir)?;
     let out = output_within(
         Command::new(workspace_binary("ferrolet-shim")?)
             .args(["images", "import", "--root"])
             .arg(shim_root)
-            .arg(&busybox.oci_archive),
+            .arg(&busybox.oci_archive)
+            .arg(&v2.oci_archive),
         Duration::from_secs(120),
     )?;
     ensure!(

@@ -19,6 +19,8 @@ use ferrolet_oci_image::{
 pub const PAUSE_IMAGE: &str = concat!("ferrolet.local/pause:", env!("CARGO_PKG_VERSION"));
 /// Name of the busybox image.
 pub const BUSYBOX_IMAGE: &str = "ferrolet.local/busybox:latest";
+/// A second busybox image, for rolling updates: the same files, `GREETING=v2` in its config.
+pub const BUSYBOX_V2_IMAGE: &str = "ferrolet.local/busybox:v2";
 /// Where Debian's `busybox-static` puts the binary.
 pub const BUSYBOX_BINARY: &str = "/bin/busybox";
 
@@ -183,6 +185,42 @@ pub fn cached_busybox_image() -> anyhow::Result<TestImage> {
             ownership: Ownership::Fixed { uid: 0, gid: 0 },
         })
     })
+}
+
+/// [`BUSYBOX_V2_IMAGE`]: the busybox image with `GREETING=v2` added to its environment, so
+/// it is a different image (another config, another id) that tells its pods apart.
+pub fn cached_busybox_v2_image() -> anyhow::Result<TestImage> {
+    let binary = fs::read(BUSYBOX_BINARY).with_context(|| {
+        format!("reading {BUSYBOX_BINARY} (is the Debian package busybox-static installed?)")
+    })?;
+    let key = cache_key(&[
+        b"busybox-v2",
+        &binary,
+        BUSYBOX_APPLETS.join(" ").as_bytes(),
+        PASSWD.as_bytes(),
+        GROUP.as_bytes(),
+    ]);
+    cached_image(BUSYBOX_V2_IMAGE, &key, |scratch| {
+        let rootfs = busybox_rootfs(scratch)?;
+        Ok(ImageSpec {
+            reference: ImageReference::parse(BUSYBOX_V2_IMAGE)?,
+            layers: vec![rootfs],
+            settings: ImageSettings {
+                cmd: Some(vec!["sh".to_owned()]),
+                env: vec![
+                    ferrolet_oci_image::DEFAULT_PATH.to_owned(),
+                    "GREETING=v2".to_owned(),
+                ],
+                ..ImageSettings::default()
+            },
+            ownership: Ownership::Fixed { uid: 0, gid: 0 },
+        })
+    })
+}
+
+/// The v2 busybox image with its two archives hard-linked (or copied) into `dir`.
+pub fn busybox_v2_image(dir: &Path) -> anyhow::Result<TestImage> {
+    place_in(&cached_busybox_v2_image()?, dir, "busybox-v2")
 }
 
 /// The pause image with its two archives hard-linked (or copied) into `dir`.

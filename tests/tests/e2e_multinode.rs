@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use ferrolet_tests::cluster::{condition, in_netns};
-use ferrolet_tests::images::BUSYBOX_IMAGE;
+use ferrolet_tests::images::{BUSYBOX_IMAGE, BUSYBOX_V2_IMAGE};
 use ferrolet_tests::multinode::{MultiCluster, MultiOptions};
 use ferrolet_tests::process::output_within;
 use ferrolet_tests::wait::poll_until;
@@ -445,8 +445,7 @@ impl LoadClient {
 
 /// (g) a rolling update of the Deployment's template while host 0 sends requests to the
 /// ClusterIP without pause: every request answered, by the old and then by the new pods.
-/// (Only one image exists here, so the update changes the template's environment, which
-/// rolls the pods the same way a new image does.)
+/// The new image ([`BUSYBOX_V2_IMAGE`]) carries `GREETING=v2`, so its pods answer "v2 from".
 fn rolling_update_without_failed_requests(c: &mut MultiCluster) -> anyhow::Result<()> {
     let url = service_urls(c)?.remove(0);
     let client = LoadClient::start(c, &url);
@@ -465,7 +464,9 @@ fn rolling_update_without_failed_requests(c: &mut MultiCluster) -> anyhow::Resul
             "--type",
             "json",
             "-p",
-            r#"[{"op": "add", "path": "/spec/template/spec/containers/0/env", "value": [{"name": "GREETING", "value": "v2"}]}]"#,
+            &format!(
+                r#"[{{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "{BUSYBOX_V2_IMAGE}"}}]"#
+            ),
         ])?;
         c.wait_for(
             Duration::from_secs(120),
@@ -475,7 +476,7 @@ fn rolling_update_without_failed_requests(c: &mut MultiCluster) -> anyhow::Resul
                 let new_ready = pods
                     .iter()
                     .filter(|p| ready(p))
-                    .filter(|p| p["spec"]["containers"][0]["env"][0]["value"] == "v2")
+                    .filter(|p| p["spec"]["containers"][0]["image"] == BUSYBOX_V2_IMAGE)
                     .count();
                 Ok(new_ready == 3 && pods.len() == 3)
             },
