@@ -44,6 +44,10 @@ const QUEUE: usize = 4096;
 /// Read connections: reads beyond this many wait for one, so connections (each with its
 /// prepared statements) are opened once and reused, never opened and closed per read.
 const MAX_READERS: usize = 16;
+/// Read connections for lists.
+const MAX_SCANNERS: usize = 4;
+/// How much of the database file a list connection maps (address space, not memory).
+const SCANNER_MMAP_BYTES: i64 = 1 << 30;
 /// Keys are UTF-8, which never contains the byte 0xff: an upper bound for "all keys".
 const NO_KEY_END: &[u8] = b"\xff";
 
@@ -107,6 +111,8 @@ struct Inner {
     writer: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
     readers: Arc<Readers>,
+    /// Connections for lists, which map the file (see [`Readers::mmap`]).
+    scanners: Arc<Readers>,
     live: broadcast::Sender<Batch>,
     /// The revision of the last committed write.
     revision: Arc<AtomicI64>,
@@ -185,6 +191,13 @@ impl SqliteStore {
             path: path.to_owned(),
             idle: Mutex::new(Vec::new()),
             permits: tokio::sync::Semaphore::new(MAX_READERS),
+            mmap: false,
+        });
+        let scanners = Arc::new(Readers {
+            path: path.to_owned(),
+            idle: Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(MAX_SCANNERS),
+            mmap: true,
         });
         let live = watch::live_channel();
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -204,6 +217,7 @@ impl SqliteStore {
                 writer: Some(tx),
                 thread: Some(thread),
                 readers,
+                scanners,
                 live,
                 revision,
             }),
@@ -583,8 +597,12 @@ fn apply_compact(tx: &Connection, current: Revision, keep: Revision) -> Result<(
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
-    /// One per connection in use; at most [`MAX_READERS`] exist.
+    /// One per connection in use; at most that many connections exist.
     permits: tokio::sync::Semaphore,
+    /// Map the database file. Lists read the whole table and gain from it; point reads
+    /// lose, since in WAL mode SQLite unmaps the whole file at every read transaction that
+    /// follows a write.
+    mmap: bool,
 }
 
 impl Readers {
@@ -604,8 +622,10 @@ impl Readers {
         .map_err(sql("open a read connection"))?;
         conn.pragma_update(None, "query_only", true)
             .map_err(sql("make a read connection read-only"))?;
-        // No mmap: in WAL mode SQLite unmaps the whole file at the start of every read
-        // transaction after a write, which under write load cost more than lists gained.
+        if self.mmap {
+            conn.pragma_update(None, "mmap_size", SCANNER_MMAP_BYTES)
+                .map_err(sql("set mmap size"))?;
+        }
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sql("set busy timeout"))?;
         Ok(conn)
@@ -616,9 +636,7 @@ impl Readers {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if idle.len() < MAX_READERS {
-            idle.push(conn);
-        }
+        idle.push(conn);
     }
 
     /// Runs `f` in a read transaction (one consistent snapshot) on a blocking thread.
@@ -835,7 +853,7 @@ impl Store for SqliteStore {
         }
         let prefix = prefix.to_owned();
         self.inner
-            .readers
+            .scanners
             .read(move |tx| list_in(tx, &prefix, &opts))
             .await
     }
