@@ -81,6 +81,27 @@ pub fn binaries_dir() -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{} has no target dir above it", exe.display()))
 }
 
+/// Waits until the control plane `daemon` has written `kubeconfig` and answers `/readyz`
+/// through `kubectl`; fails with its log if it dies or does not answer in time.
+pub fn wait_control_plane(
+    daemon: &mut Daemon,
+    kubeconfig: &Path,
+    kubectl: impl Fn(&[&str]) -> anyhow::Result<Output>,
+) -> anyhow::Result<()> {
+    let up = poll_until(START_DEADLINE, Duration::from_millis(50), || {
+        daemon.running()
+            && kubeconfig.exists()
+            && kubectl(&["get", "--raw", "/readyz"]).is_ok_and(|o| o.status.success())
+    });
+    daemon.ensure_running()?;
+    ensure!(
+        up,
+        "the control plane did not answer within {START_DEADLINE:?}; its log:\n{}",
+        daemon.log_tail(60)
+    );
+    Ok(())
+}
+
 /// A binary of this workspace in [`binaries_dir`], or an error telling how to build it.
 pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = binaries_dir()?.join(name);
@@ -437,19 +458,7 @@ impl Cluster {
                 .args(["--listen", "127.0.0.1:0"]),
             self.dir.join("control-plane.log"),
         )?;
-        let up = poll_until(START_DEADLINE, Duration::from_millis(50), || {
-            daemon.running()
-                && self.kubeconfig.exists()
-                && self
-                    .kubectl(&["get", "--raw", "/readyz"])
-                    .is_ok_and(|o| o.status.success())
-        });
-        daemon.ensure_running()?;
-        ensure!(
-            up,
-            "the control plane did not answer within {START_DEADLINE:?}; its log:\n{}",
-            daemon.log_tail(60)
-        );
+        wait_control_plane(&mut daemon, &self.kubeconfig, |args| self.kubectl(args))?;
         self.control_plane = Some(daemon);
         Ok(())
     }

@@ -34,7 +34,7 @@ use serde_json::Value;
 use crate::cluster::{
     CgroupParent, Daemon, START_DEADLINE, condition, create_in, import_busybox, in_netns,
     kubectl_in, kubectl_ok_in, link_cni_plugins, log_tail, next_unique, shim_command,
-    wait_listening, workspace_binary, write_bridge_conflist,
+    wait_control_plane, wait_listening, workspace_binary, write_bridge_conflist,
 };
 use crate::mounts::unmount_below;
 use crate::process::output_within;
@@ -381,19 +381,7 @@ impl MultiCluster {
             &mut cmd,
             self.dir.join("control-plane.log"),
         )?;
-        let up = poll_until(START_DEADLINE, Duration::from_millis(100), || {
-            daemon.running()
-                && self.kubeconfig.exists()
-                && self
-                    .kubectl(&["get", "--raw", "/readyz"])
-                    .is_ok_and(|o| o.status.success())
-        });
-        daemon.ensure_running()?;
-        ensure!(
-            up,
-            "the control plane did not answer within {START_DEADLINE:?}; its log:\n{}",
-            daemon.log_tail(60)
-        );
+        wait_control_plane(&mut daemon, &self.kubeconfig, |args| self.kubectl(args))?;
         self.control_plane = Some(daemon);
         Ok(())
     }
