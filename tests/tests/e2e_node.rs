@@ -48,6 +48,32 @@ fn pod_ip(pod: &Value) -> Option<Ipv4Addr> {
 }
 
 /// The CRI sandboxes whose pod UID label is `uid`.
+/// Creates the pod `web` serving `greeting` on this node and waits for it to be Running and
+/// Ready with an IP in the test's subnet; returns the pod, its uid and its IP.
+fn run_web_pod(cluster: &mut Cluster, greeting: &str) -> (Value, String, Ipv4Addr) {
+    let node = cluster.node_name.clone();
+    cluster
+        .create(&web_pod("web", &node, greeting))
+        .expect("create pod");
+    let pod = cluster
+        .wait_pod(
+            "default",
+            "web",
+            Duration::from_secs(90),
+            "Running and Ready",
+            running,
+        )
+        .expect("pod running");
+    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
+    let ip = pod_ip(&pod).expect("pod IP in status");
+    assert!(
+        cluster.network.contains(ip),
+        "pod IP {ip} outside the test's subnet {}",
+        cluster.network.cidr()
+    );
+    (pod, uid, ip)
+}
+
 fn sandboxes_of(socket: &Path, uid: &str) -> Vec<v1::PodSandbox> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -75,27 +101,7 @@ fn sandboxes_of(socket: &Path, uid: &str) -> Vec<v1::PodSandbox> {
 #[test]
 fn pod_runs_serves_on_its_ip_and_is_torn_down_on_delete() {
     let mut cluster = Cluster::start(ClusterOptions::default()).expect("cluster");
-    let node = cluster.node_name.clone();
-    cluster
-        .create(&web_pod("web", &node, "hello-from-web"))
-        .expect("create pod");
-
-    let pod = cluster
-        .wait_pod(
-            "default",
-            "web",
-            Duration::from_secs(90),
-            "Running and Ready",
-            running,
-        )
-        .expect("pod running");
-    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
-    let ip = pod_ip(&pod).expect("pod IP in status");
-    assert!(
-        cluster.network.contains(ip),
-        "pod IP {ip} outside the test's subnet {}",
-        cluster.network.cidr()
-    );
+    let (pod, uid, ip) = run_web_pod(&mut cluster, "hello-from-web");
     assert_eq!(pod["status"]["hostIP"], "127.0.0.1", "{:#}", pod["status"]);
     let status = &pod["status"]["containerStatuses"][0];
     assert_eq!(status["name"], "web");
@@ -413,26 +419,7 @@ fn node_on_containerd_runs_a_pod_that_serves_on_its_ip() {
         ..ClusterOptions::default()
     })
     .expect("cluster on containerd");
-    let node = cluster.node_name.clone();
-    cluster
-        .create(&web_pod("web", &node, "hello-from-containerd"))
-        .expect("create pod");
-    let pod = cluster
-        .wait_pod(
-            "default",
-            "web",
-            Duration::from_secs(90),
-            "Running and Ready",
-            running,
-        )
-        .expect("pod running");
-    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
-    let ip = pod_ip(&pod).expect("pod IP in status");
-    assert!(
-        cluster.network.contains(ip),
-        "pod IP {ip} outside the test's subnet {}",
-        cluster.network.cidr()
-    );
+    let (_, uid, ip) = run_web_pod(&mut cluster, "hello-from-containerd");
     assert_eq!(sandboxes_of(&cluster.cri_socket, &uid).len(), 1);
 
     let addr = SocketAddr::from((ip, 8080));
