@@ -271,6 +271,7 @@ async fn serve(
                 continue;
             }
         };
+        send_writes_at_once(&tcp, peer);
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -295,6 +296,16 @@ async fn serve(
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
+    }
+}
+
+/// Turns Nagle's algorithm off on an accepted connection. With it on, a watch event written
+/// while the client has not yet acknowledged the previous one waits for that ACK, and a watch
+/// connection carries no request bytes back to bring it early: the client's delayed ACK
+/// (up to 40 ms on Linux) set watch delivery p99 at about 40 ms.
+fn send_writes_at_once(tcp: &tokio::net::TcpStream, peer: SocketAddr) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::warn!(%peer, error = %e, "setting TCP_NODELAY; watch events may be delayed");
     }
 }
 
@@ -461,6 +472,17 @@ async fn respond(shared: &Shared, req: Request<Incoming>, has_cert: bool) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_nagle() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        assert!(!tcp.nodelay().expect("read TCP_NODELAY"), "off by default");
+        send_writes_at_once(&tcp, peer);
+        assert!(tcp.nodelay().expect("read TCP_NODELAY"));
+    }
 
     #[test]
     fn token_file_lines_are_checked() {
