@@ -613,23 +613,23 @@ impl Shim {
         let recs: Vec<SandboxRecord> = lock(&self.sandboxes).values().cloned().collect();
         let mut out = Vec::new();
         for rec in recs {
+            // The id and labels first: the state reads the sandbox's files and processes,
+            // and an agent asks for one pod's sandboxes out of hundreds.
+            if let Some(f) = filter
+                && ((!f.id.is_empty() && !rec.id.starts_with(&f.id))
+                    || !labels_match(&rec.labels, &f.label_selector))
+            {
+                continue;
+            }
             let state = if self.sandbox_ready(&rec) {
                 v1::PodSandboxState::SandboxReady
             } else {
                 v1::PodSandboxState::SandboxNotready
             } as i32;
-            if let Some(f) = filter {
-                if !f.id.is_empty() && !rec.id.starts_with(&f.id) {
-                    continue;
-                }
-                if let Some(s) = &f.state
-                    && s.state != state
-                {
-                    continue;
-                }
-                if !labels_match(&rec.labels, &f.label_selector) {
-                    continue;
-                }
+            if let Some(s) = filter.and_then(|f| f.state.as_ref())
+                && s.state != state
+            {
+                continue;
             }
             out.push(v1::PodSandbox {
                 id: rec.id.clone(),
