@@ -10,6 +10,10 @@ use cgroups_rs::fs::devices::{DevicePermissions, DeviceType, DevicesController};
 use cgroups_rs::fs::hierarchies::V1;
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
+use cgroups_rs::fs::{Hierarchy, Subsystem};
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use super::{CgroupError, Cgroups, Resources, Stats, drain, validate_path};
 
@@ -31,10 +35,46 @@ impl CgroupsV1 {
     fn load(path: &str) -> Result<Cgroup, CgroupError> {
         validate_path(path)?;
         Ok(Cgroup::load_with_specified_controllers(
-            Box::new(V1::new()),
+            Box::new(HostHierarchies::get()),
             path,
             CONTROLLERS.iter().map(|c| (*c).to_string()).collect(),
         ))
+    }
+}
+
+/// The host's cgroup v1 hierarchies, found once. `V1::new` reads and parses the whole of
+/// `/proc/self/mountinfo`; every container adds a dozen mounts to it, so with a hundred pods
+/// running, loading it for each cgroup operation cost more than the operations themselves.
+/// Controllers are mounted at boot and stay where they are.
+#[derive(Debug, Clone)]
+struct HostHierarchies(Arc<V1>);
+
+impl HostHierarchies {
+    fn get() -> HostHierarchies {
+        static FOUND: OnceLock<Arc<V1>> = OnceLock::new();
+        HostHierarchies(Arc::clone(FOUND.get_or_init(|| Arc::new(V1::new()))))
+    }
+}
+
+impl Hierarchy for HostHierarchies {
+    fn subsystems(&self) -> Vec<Subsystem> {
+        self.0.subsystems()
+    }
+
+    fn root(&self) -> PathBuf {
+        self.0.root()
+    }
+
+    fn root_control_group(&self) -> Cgroup {
+        self.0.root_control_group()
+    }
+
+    fn parent_control_group(&self, path: &str) -> Cgroup {
+        self.0.parent_control_group(path)
+    }
+
+    fn v2(&self) -> bool {
+        false
     }
 }
 
