@@ -761,8 +761,14 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
     /// Drives the pod until it is gone. `updates` carries the newest pod, `None` once it
     /// was deleted from the API; when the sender is dropped (agent shutdown) the worker
     /// stops without touching the pod, so containers outlive the agent.
-    pub async fn run(mut self, mut updates: watch::Receiver<Option<Pod>>) {
+    pub fn run(
+        mut self,
+        mut updates: watch::Receiver<Option<Pod>>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let span = info_span!("pod", pod = %self.key, uid = %self.key.uid);
+        // The steps run boxed: a task keeps the size of its largest state for its whole
+        // life, and a pod spends its life waiting between syncs. Unboxed, every idle pod
+        // held a sync's worth (tens of KiB) of runtime and API call state.
         async move {
             loop {
                 let current = updates.borrow_and_update().clone();
@@ -771,25 +777,26 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
                     None => {
                         info!("pod deleted from the API; tearing down");
                         let grace = grace_seconds(&self.pod);
-                        self.teardown_until_done(grace, &mut updates).await;
+                        Box::pin(self.teardown_until_done(grace, &mut updates)).await;
                         return;
                     }
                 }
                 if self.pod.metadata.deletion_timestamp.is_some() {
                     let grace = grace_seconds(&self.pod);
                     info!(grace, "pod is being deleted; stopping it");
-                    if !self.teardown_until_done(grace, &mut updates).await {
+                    if !Box::pin(self.teardown_until_done(grace, &mut updates)).await {
                         return;
                     }
                     let params = DeleteParams {
                         grace_period_seconds: Some(0),
                         uid: Some(self.key.uid.clone()),
                     };
-                    match self
-                        .deps
-                        .api
-                        .delete::<Pod>(Some(&self.key.namespace), &self.key.name, &params)
-                        .await
+                    match Box::pin(self.deps.api.delete::<Pod>(
+                        Some(&self.key.namespace),
+                        &self.key.name,
+                        &params,
+                    ))
+                    .await
                     {
                         Ok(()) => info!("pod deleted"),
                         Err(e) if e.is_not_found() || e.is_conflict() => {}
@@ -797,7 +804,7 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
                     }
                     return;
                 }
-                let wait = match self.sync().await {
+                let wait = match Box::pin(self.sync()).await {
                     Ok(d) => d,
                     Err(e) => {
                         warn!(error = %e, "pod sync failed");
@@ -817,7 +824,6 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             }
         }
         .instrument(span)
-        .await;
     }
 
     /// Tears down, retrying until done; false if the agent shut down meanwhile.

@@ -242,9 +242,13 @@ impl<R: Runtime> Job<R> {
             if gated {
                 continue;
             }
-            let outcome = self
-                .prober
-                .run(self.runtime.as_ref(), &action, &self.target, th.timeout)
+            // Boxed: the task sleeps between probes, and an unboxed probe call (a runtime
+            // exec among them) would be part of its size for all that time.
+            let outcome =
+                Box::pin(
+                    self.prober
+                        .run(self.runtime.as_ref(), &action, &self.target, th.timeout),
+                )
                 .await;
             if let Outcome::Failure(message) = &outcome {
                 debug!(%message, "probe failed");
