@@ -754,9 +754,11 @@ impl Drop for Cluster {
         if let Some(mut shim) = self.shim.take() {
             shim.kill9();
         }
+        // Pods and container monitors live in the cgroup parent: killing them first leaves
+        // containerd only dead tasks to delete, which it does quickly.
+        self.cgroup.remove();
         // Stops its tasks and shims, unmounts and removes its own dir.
         drop(self.containerd.take());
-        // Pods and container monitors live in the cgroup parent.
         self.cgroup.remove();
         unmount_below(&self.dir);
         let _ = output_within(
