@@ -432,6 +432,11 @@ pub async fn serve<A: Api, R: Runtime>(
                 continue;
             }
         };
+        // `kubectl logs -f` gets each line as one small write; with Nagle on, a line that
+        // follows another within the client's delayed ACK (up to 40 ms) waited for it.
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(%peer, error = %e, "kubelet API: setting TCP_NODELAY");
+        }
         let acceptor = bound.acceptor.clone();
         let handler = handler.clone();
         tokio::spawn(async move {

@@ -97,6 +97,11 @@ impl StreamServer {
             loop {
                 match listener.accept().await {
                     Ok((conn, _)) => {
+                        // Exec and attach output goes out in small writes as the process
+                        // makes it; Nagle would hold each behind the client's delayed ACK.
+                        if let Err(e) = conn.set_nodelay(true) {
+                            tracing::debug!(error = %e, "streaming server: TCP_NODELAY");
+                        }
                         let s = s.clone();
                         tokio::spawn(async move { s.handle(conn).await });
                     }
