@@ -914,3 +914,62 @@ async fn a_missing_service_account_or_a_short_lifetime_writes_nothing() {
         .to_string();
     assert!(err.contains("without a token"), "{err}");
 }
+
+#[tokio::test]
+async fn a_failed_refresh_keeps_a_token_that_still_holds_and_fails_once_it_expired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    with_root_ca(&api);
+    service_account(&api, "default");
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        "default",
+        "token",
+        serde_json::json!({"status": {"token": jwt(now_secs(), now_secs() + 3600)}}),
+    );
+    let p = pod_json(serde_json::json!({
+        "containers": [{"name": "app"}],
+        "volumes": [kube_api_access(serde_json::json!({"path": "token"}), None)],
+    }));
+    let pod_dir = dir.path().join("pod");
+    let v = prepare(&api, &mounter, &p, &pod_dir).await.expect("volume");
+    let vol = v["kube-api-access"].path.clone();
+    Api::delete::<k8s_openapi::api::core::v1::ServiceAccount>(
+        &api,
+        Some("ns"),
+        "default",
+        &crate::api::DeleteParams::default(),
+    )
+    .await
+    .expect("delete account");
+    let age = |token: &str| {
+        std::fs::write(
+            atomic::current_version(&vol)
+                .expect("version")
+                .join("token"),
+            token,
+        )
+        .expect("age the token");
+    };
+    // Due for refresh but unexpired: the refresh fails, the token stays.
+    let aged = jwt(now_secs() - 3000, now_secs() + 600);
+    age(&aged);
+    prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect("kept the old token");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("token")).expect("token"),
+        aged
+    );
+    // Expired: the failure is the pod's.
+    age(&jwt(now_secs() - 4000, now_secs() - 1));
+    let err = prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect_err("expired and no account");
+    assert!(
+        err.to_string()
+            .contains("serviceaccount ns/default not found"),
+        "{err}"
+    );
+}

@@ -107,12 +107,40 @@ pub async fn token_file<A: Api>(
 ) -> Result<String, VolumeError> {
     let seconds = expiration_seconds(volume, source)?;
     let audience = source.audience.as_deref().filter(|a| !a.is_empty());
-    if let Some(text) = current.and_then(|p| std::fs::read_to_string(p).ok())
-        && let Some(times) = read_claims(&text)
-        && !needs_refresh(&times, audience, unix_now())
+    let now = unix_now();
+    let held = current
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| read_claims(&text).map(|times| (text, times)));
+    if let Some((text, times)) = &held
+        && !needs_refresh(times, audience, now)
     {
-        return Ok(text);
+        return Ok(text.clone());
     }
+    match request_token(api, volume, pod, audience, seconds).await {
+        Ok(token) => Ok(token),
+        // The token held still works for a while: keep it and try again on the next sync,
+        // as the kubelet does, rather than hold back containers.
+        Err(e) => match held {
+            Some((text, times))
+                if now < times.expires_at
+                    && audience.is_none_or(|a| times.audiences.iter().any(|t| t == a)) =>
+            {
+                tracing::warn!(volume, error = %e, expires_at = times.expires_at, "refreshing the service account token failed; keeping the current one");
+                Ok(text)
+            }
+            _ => Err(e),
+        },
+    }
+}
+
+/// A new token for the pod's service account, bound to the pod.
+async fn request_token<A: Api>(
+    api: &A,
+    volume: &str,
+    pod: &Pod,
+    audience: Option<&str>,
+    seconds: i64,
+) -> Result<String, VolumeError> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let account = pod
         .spec
