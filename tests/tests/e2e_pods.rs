@@ -652,6 +652,31 @@ fn a_pod_reads_its_service_account_token_and_namespace_and_the_token_authenticat
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // `kubectl create token` (protobuf TokenRequest) works too; a token for another
+    // audience is not one the API server takes.
+    let made = cluster
+        .kubectl_ok(&["create", "token", "default", "--duration", "10m"])
+        .expect("kubectl create token");
+    let out = kubectl_with_token(&cluster, made.trim(), &["get", "serviceaccount", "default"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vault = cluster
+        .kubectl_ok(&["create", "token", "default", "--audience", "vault"])
+        .expect("kubectl create token --audience");
+    let out = kubectl_with_token(
+        &cluster,
+        vault.trim(),
+        &["get", "serviceaccount", "default"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthorized"),
+        "a token for vault was taken: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // No such account: the container never starts and the pod says why.
     let pod = cluster
         .wait_pod(
