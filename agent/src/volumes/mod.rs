@@ -317,14 +317,49 @@ async fn prepare_one<A: Api>(
         ensure_tmpfs(mounter, name, &dir, None)?;
     }
     let mut modes = item_modes(volume)?;
+    let owner = token_owner(pod);
+    let mut owners = BTreeMap::new();
     for path in private_paths {
+        if let Some(uid) = owner {
+            owners.insert(path.clone(), uid);
+        }
         modes.insert(path, 0o600);
     }
-    atomic::write_atomic(name, &dir, &files, mode, &modes)?;
+    atomic::write_atomic_owned(name, &dir, &files, mode, &modes, &owners)?;
     Ok(HostVolume {
         path: dir,
         read_only: true,
     })
+}
+
+/// Who owns a pod's private token files: the uid every (init and app) container runs as,
+/// when they all name the same non-root one (pod or container `runAsUser`), as upstream's
+/// `FsUserFrom`; otherwise root. Without this a pod running as non-root could not read
+/// its own 0600 token.
+pub fn token_owner(pod: &Pod) -> Option<u32> {
+    let spec = pod.spec.as_ref()?;
+    let pod_user = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    let mut owner = None;
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        let user = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or(pod_user)?;
+        match owner {
+            None => owner = Some(user),
+            Some(o) if o != user => return None,
+            Some(_) => {}
+        }
+    }
+    owner
+        .and_then(|u| u32::try_from(u).ok())
+        .filter(|u| *u != 0)
 }
 
 fn host_path(volume: &str, path: &Path, kind: &str) -> Result<(), VolumeError> {

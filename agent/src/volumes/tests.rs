@@ -973,3 +973,74 @@ async fn a_failed_refresh_keeps_a_token_that_still_holds_and_fails_once_it_expir
         "{err}"
     );
 }
+
+#[test]
+fn tokens_belong_to_the_one_non_root_user_all_containers_run_as() {
+    let owner = |spec: serde_json::Value| token_owner(&pod_json(spec));
+    assert_eq!(
+        owner(serde_json::json!({"containers": [{"name": "a"}]})),
+        None
+    );
+    assert_eq!(
+        owner(serde_json::json!({"securityContext": {"runAsUser": 1000},
+            "containers": [{"name": "a"}, {"name": "b"}]})),
+        Some(1000)
+    );
+    assert_eq!(
+        owner(serde_json::json!({"securityContext": {"runAsUser": 1000},
+            "initContainers": [{"name": "i", "securityContext": {"runAsUser": 2000}}],
+            "containers": [{"name": "a"}]})),
+        None,
+        "two users: root keeps it"
+    );
+    assert_eq!(
+        owner(serde_json::json!({"containers": [
+            {"name": "a", "securityContext": {"runAsUser": 7}},
+            {"name": "b", "securityContext": {"runAsUser": 7}}]})),
+        Some(7)
+    );
+    assert_eq!(
+        owner(serde_json::json!({"containers": [
+            {"name": "a", "securityContext": {"runAsUser": 7}}, {"name": "b"}]})),
+        None,
+        "one container without a user"
+    );
+    assert_eq!(
+        owner(
+            serde_json::json!({"securityContext": {"runAsUser": 0}, "containers": [{"name": "a"}]})
+        ),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_non_root_pod_owns_its_token_file() {
+    use std::os::unix::fs::MetadataExt as _;
+    // As root any uid will do; as another user only one's own uid can be given away to.
+    let me = nix::unistd::geteuid().as_raw();
+    let uid = if me == 0 { 4321 } else { me };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    with_root_ca(&api);
+    service_account(&api, "default");
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        "default",
+        "token",
+        serde_json::json!({"status": {"token": jwt(now_secs(), now_secs() + 3600)}}),
+    );
+    let p = pod_json(serde_json::json!({
+        "securityContext": {"runAsUser": uid},
+        "containers": [{"name": "app"}],
+        "volumes": [kube_api_access(serde_json::json!({"path": "token"}), None)],
+    }));
+    let v = prepare(&api, &mounter, &p, &dir.path().join("pod"))
+        .await
+        .expect("volume");
+    let meta = std::fs::metadata(v["kube-api-access"].path.join("token")).expect("token");
+    assert_eq!(meta.uid(), uid);
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    let ca = std::fs::metadata(v["kube-api-access"].path.join("ca.crt")).expect("ca");
+    assert_eq!(ca.uid(), me, "only the token changes hands");
+}
