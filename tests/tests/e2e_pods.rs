@@ -573,12 +573,15 @@ fn a_pod_reads_its_service_account_token_and_namespace_and_the_token_authenticat
     let mut reader = busybox(
         "app",
         &format!(
-            "echo \"ns=$(cat {dir}/namespace)\"; echo \"mode=$(stat -L -c %a {dir}/token)\"; \
+            "echo \"uid=$(id -u)\"; echo \"ns=$(cat {dir}/namespace)\"; \
+             echo \"mode=$(stat -L -c %a {dir}/token)\"; \
              echo \"mem=$(cat /etc/info/mem)\"; grep -c CERTIFICATE {dir}/ca.crt; \
              echo \"token=$(cat {dir}/token)\"; exec sleep 3600"
         ),
     );
     reader["resources"] = json!({"limits": {"memory": "64Mi"}});
+    // Not root: the 0600 token must be the pod user's.
+    reader["securityContext"] = json!({"runAsUser": 1000});
     reader["volumeMounts"] = json!([
         {"name": "kube-api-access", "mountPath": dir, "readOnly": true},
         {"name": "info", "mountPath": "/etc/info"},
@@ -612,6 +615,7 @@ fn a_pod_reads_its_service_account_token_and_namespace_and_the_token_authenticat
         "showing the token",
         |l| l.contains("token=ey"),
     );
+    assert!(logs.contains("uid=1000\n"), "{logs}");
     assert!(logs.contains("ns=default\n"), "{logs}");
     assert!(logs.contains("mode=600\n"), "{logs}");
     assert!(logs.contains("mem=64\n"), "{logs}");
