@@ -101,6 +101,10 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         resolv_conf: config.resolv_conf.clone(),
         host_ips: host_ips.clone(),
         runtime_name: version.runtime_name.clone(),
+        allocatable: crate::node::allocatable(
+            &NodeSettings::from_config(&config, host_ips.clone()),
+            &crate::node::SystemInfo::read(&config.root_dir),
+        ),
     };
     // Bound before anything runs, so a taken port or bad certificate fails the start.
     let server = crate::server::bind(&ServerSettings {
@@ -170,7 +174,8 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
             low_percent: config.image_gc_low_threshold_percent,
             min_age: config.image_minimum_gc_age,
         },
-    );
+    )
+    .with_state_file(config.root_dir.join(crate::node::image_gc::STATE_FILE));
     let _image_gc_task = tokio::spawn(image_gc.run(shutdown.clone()));
     let deps = Arc::new(Deps {
         events,

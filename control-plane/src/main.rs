@@ -44,6 +44,10 @@ struct Args {
     /// Static bearer tokens (token,user,uid[,groups]); default: <data-dir>/tokens.csv, made once.
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
+    /// Key service account tokens are signed with (64 hex digits); default:
+    /// <data-dir>/service-account.key, made once. API servers sharing a store share it.
+    #[arg(long)]
+    service_account_key_file: Option<PathBuf>,
     /// Controllers to run: `*` for all, `name` to add one, `-name` to leave one out, `none`.
     /// Known: deployment, endpoint, garbagecollector, namespace, nodeipam, nodelifecycle,
     /// replicaset.
@@ -123,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
             gc_interval: args.garbage_collector_period,
             workers: args.concurrent_syncs,
             enabled,
+            // Known once the certificates exist.
+            root_ca_pem: None,
         },
         leader: args.leader_elect.then(|| LeaderConfig {
             namespace: args.leader_elect_resource_namespace.clone(),
@@ -156,8 +162,10 @@ async fn main() -> anyhow::Result<()> {
         service_cluster_ip_range: args.service_cluster_ip_range,
         cluster_cidr: args.cluster_cidr,
         token_auth_file: args.token_auth_file,
+        service_account_key_file: args.service_account_key_file,
     };
     let prepared = server::prepare(config, Arc::clone(&store)).await?;
+    loops.manager.root_ca_pem = Some(prepared.root_ca_pem().to_owned());
     let client: Arc<dyn ClusterClient> = Arc::new(LocalClient::new(prepared.api()));
     let compaction = async {
         if args.etcd_compaction_interval.is_zero() {

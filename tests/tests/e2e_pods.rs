@@ -1,8 +1,9 @@
 //! Issue 7's pod behaviours end to end, on one node of the real stack (control plane,
 //! `ferrolet-shim`, our CNI plugins, the `ferrolet` agent): probes failing and recovering,
 //! a crash loop backing off, a failing init container, a graceful delete running its
-//! preStop hook, a configMap update reaching a mounted file, `kubectl logs`, and image
-//! garbage collection. Checked through kubectl as a user would.
+//! preStop hook, a configMap update reaching a mounted file, `kubectl logs`, image
+//! garbage collection, and a projected service account token that the API server accepts.
+//! Checked through kubectl as a user would.
 //!
 //! The pod checks share one cluster: their pods are created together and each is then
 //! checked with its own deadline, so the slow ones (backoffs) overlap.
@@ -506,4 +507,209 @@ fn image_gc_removes_an_unused_image_and_keeps_those_in_use() {
         container_id
     );
     assert_eq!(restarts(&after), 0);
+}
+
+/// kubectl as a client holding only `token`: no client certificate, the cluster's CA.
+fn kubectl_with_token(cluster: &Cluster, token: &str, args: &[&str]) -> std::process::Output {
+    let admin = fs::read_to_string(&cluster.kubeconfig).expect("kubeconfig");
+    let server = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .expect("server in kubeconfig")
+        .to_owned();
+    let empty = cluster.dir.join("token-only.kubeconfig");
+    fs::write(&empty, "apiVersion: v1\nkind: Config\n").expect("empty kubeconfig");
+    let ca = cluster.dir.join("cp/pki/ca.crt");
+    Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&empty)
+        .arg("--server")
+        .arg(&server)
+        .arg("--certificate-authority")
+        .arg(&ca)
+        .arg("--token")
+        .arg(token)
+        .args(args)
+        .output()
+        .expect("kubectl")
+}
+
+#[test]
+fn a_pod_reads_its_service_account_token_and_namespace_and_the_token_authenticates() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).expect("cluster");
+    let node = cluster.node_name.clone();
+    // The namespace controller gives default its account and the cluster CA.
+    let mut ca = String::new();
+    let published = poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        ca = cluster
+            .kubectl_ok(&[
+                "get",
+                "configmap",
+                "kube-root-ca.crt",
+                "-o",
+                "jsonpath={.data.ca\\.crt}",
+            ])
+            .unwrap_or_default();
+        !ca.is_empty()
+            && cluster
+                .kubectl_ok(&["get", "serviceaccount", "default"])
+                .is_ok()
+    });
+    assert!(published, "kube-root-ca.crt or the default account missing");
+    assert_eq!(
+        ca,
+        fs::read_to_string(cluster.dir.join("cp/pki/ca.crt")).expect("ca")
+    );
+
+    let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let kube_api_access = |account_path: &str| {
+        json!({"name": "kube-api-access", "projected": {"sources": [
+            {"serviceAccountToken": {"path": account_path, "expirationSeconds": 3607}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace",
+                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]}})
+    };
+    let mut reader = busybox(
+        "app",
+        &format!(
+            "echo \"uid=$(id -u)\"; echo \"ns=$(cat {dir}/namespace)\"; \
+             echo \"mode=$(stat -L -c %a {dir}/token)\"; \
+             echo \"mem=$(cat /etc/info/mem)\"; grep -c CERTIFICATE {dir}/ca.crt; \
+             echo \"token=$(cat {dir}/token)\"; exec sleep 3600"
+        ),
+    );
+    reader["resources"] = json!({"limits": {"memory": "64Mi"}});
+    // Not root: the 0600 token must be the pod user's.
+    reader["securityContext"] = json!({"runAsUser": 1000});
+    reader["volumeMounts"] = json!([
+        {"name": "kube-api-access", "mountPath": dir, "readOnly": true},
+        {"name": "info", "mountPath": "/etc/info"},
+    ]);
+    let info = json!({"name": "info", "downwardAPI": {"items": [{"path": "mem",
+        "resourceFieldRef": {"containerName": "app", "resource": "limits.memory", "divisor": "1Mi"}}]}});
+    let mut orphan = busybox("app", "echo started; exec sleep 3600");
+    orphan["volumeMounts"] = json!([{"name": "kube-api-access", "mountPath": dir}]);
+    let mut orphan_spec = json!({
+        "serviceAccountName": "ghost",
+        "containers": [orphan],
+        "volumes": [kube_api_access("token")],
+    });
+    orphan_spec["nodeName"] = json!(node);
+    cluster
+        .create(&pod(
+            "token-reader",
+            &node,
+            1,
+            json!({"containers": [reader], "volumes": [kube_api_access("token"), info]}),
+        ))
+        .expect("reader pod");
+    cluster
+        .create(&pod("no-account", &node, 1, orphan_spec))
+        .expect("pod of a missing account");
+
+    let logs = wait_logs(
+        &mut cluster,
+        "token-reader",
+        Duration::from_secs(20),
+        "showing the token",
+        |l| l.contains("token=ey"),
+    );
+    assert!(logs.contains("uid=1000\n"), "{logs}");
+    assert!(logs.contains("ns=default\n"), "{logs}");
+    assert!(logs.contains("mode=600\n"), "{logs}");
+    assert!(logs.contains("mem=64\n"), "{logs}");
+    let token = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("token="))
+        .expect("token line")
+        .to_owned();
+
+    // The mounted token is a credential the API server takes: the pod reads itself.
+    let out = kubectl_with_token(
+        &cluster,
+        &token,
+        &["get", "pod", "token-reader", "-n", "default", "-o", "name"],
+    );
+    assert!(
+        out.status.success(),
+        "token refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pod/token-reader"
+    );
+    // One character changed in the signature: 401.
+    let mut tampered = token.clone();
+    let last = tampered.pop().expect("non-empty");
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let out = kubectl_with_token(
+        &cluster,
+        &tampered,
+        &["get", "pod", "token-reader", "-n", "default"],
+    );
+    assert!(!out.status.success(), "tampered token accepted");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // `kubectl create token` (protobuf TokenRequest) works too; a token for another
+    // audience is not one the API server takes.
+    let made = cluster
+        .kubectl_ok(&["create", "token", "default", "--duration", "10m"])
+        .expect("kubectl create token");
+    let out = kubectl_with_token(&cluster, made.trim(), &["get", "serviceaccount", "default"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vault = cluster
+        .kubectl_ok(&["create", "token", "default", "--audience", "vault"])
+        .expect("kubectl create token --audience");
+    let out = kubectl_with_token(
+        &cluster,
+        vault.trim(),
+        &["get", "serviceaccount", "default"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthorized"),
+        "a token for vault was taken: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No such account: the container never starts and the pod says why.
+    let pod = cluster
+        .wait_pod(
+            "default",
+            "no-account",
+            Duration::from_secs(10),
+            "held for its missing service account",
+            |p| {
+                first(p, "containerStatuses")["state"]["waiting"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("serviceaccount default/ghost not found"))
+            },
+        )
+        .expect("missing account reported");
+    assert_eq!(
+        waiting_reason(first(&pod, "containerStatuses")),
+        Some("ContainerCreating")
+    );
+    let mut reasons = Vec::new();
+    let reported = poll_until(Duration::from_secs(5), Duration::from_millis(200), || {
+        reasons = events(&cluster, "Pod", "no-account");
+        reasons.iter().any(|r| r == "FailedMount")
+    });
+    assert!(reported, "events of the pod: {reasons:?}");
+    assert!(
+        cluster
+            .kubectl_ok(&["logs", "no-account"])
+            .unwrap_or_default()
+            .is_empty(),
+        "the container of a pod without its account ran"
+    );
 }

@@ -357,6 +357,22 @@ impl Api for Client {
         decode(&path, &body)
     }
 
+    async fn create_subresource<K: ApiResource, B: ApiResource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        subresource: &str,
+        body: &B,
+    ) -> Result<B, ApiError> {
+        let path = format!("{}/{name}/{subresource}", collection_path::<K>(namespace));
+        let req = self
+            .request(reqwest::Method::POST, &path)
+            .json(body)
+            .timeout(REQUEST_TIMEOUT);
+        let body = self.send("POST", &path, req).await?;
+        decode(&path, &body)
+    }
+
     async fn patch<K: ApiResource>(
         &self,
         namespace: Option<&str>,

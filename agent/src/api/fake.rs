@@ -33,6 +33,8 @@ pub struct FakeApi {
     objects: Mutex<BTreeMap<String, serde_json::Value>>,
     writes: Mutex<Vec<Write>>,
     revision: Mutex<u64>,
+    /// Answers of subresource POSTs, by path.
+    replies: Mutex<BTreeMap<String, serde_json::Value>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -94,6 +96,19 @@ impl FakeApi {
 
     pub fn writes(&self) -> Vec<Write> {
         lock(&self.writes).clone()
+    }
+
+    /// What a POST to `subresource` of the object `name` of kind `K` answers, merged over
+    /// the request body (e.g. a TokenRequest's `status`).
+    pub fn set_reply<K: ApiResource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        subresource: &str,
+        reply: serde_json::Value,
+    ) {
+        let path = format!("{}/{name}/{subresource}", collection_path::<K>(namespace));
+        lock(&self.replies).insert(path, reply);
     }
 
     fn bump(&self) -> String {
@@ -197,6 +212,34 @@ impl Api for FakeApi {
             value["metadata"]["resourceVersion"] = self.bump().into();
             value["metadata"]["uid"] = format!("uid-{name}").into();
             objects.insert(path.clone(), value.clone());
+        }
+        lock(&self.writes).push(Write::Create { path: path.clone() });
+        serde_json::from_value(value).map_err(|source| ApiError::Decode { path, source })
+    }
+
+    /// Answers with what [`FakeApi::set_reply`] set for this subresource path (merged over
+    /// the request), 404 when the parent object does not exist.
+    async fn create_subresource<K: ApiResource, B: ApiResource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        subresource: &str,
+        body: &B,
+    ) -> Result<B, ApiError> {
+        let parent = format!("{}/{name}", collection_path::<K>(namespace));
+        let path = format!("{parent}/{subresource}");
+        let mut value = serde_json::to_value(body).map_err(|source| ApiError::Decode {
+            path: path.clone(),
+            source,
+        })?;
+        {
+            let objects = lock(&self.objects);
+            if !objects.contains_key(&parent) {
+                return Err(not_found(&parent));
+            }
+            if let Some(reply) = lock(&self.replies).get(&path) {
+                merge(&mut value, reply);
+            }
         }
         lock(&self.writes).push(Write::Create { path: path.clone() });
         serde_json::from_value(value).map_err(|source| ApiError::Decode { path, source })

@@ -174,6 +174,16 @@ pub trait Api: Send + Sync + 'static {
         object: &K,
     ) -> impl Future<Output = Result<K, ApiError>> + Send;
 
+    /// POSTs `body` to the `subresource` of the object `name` of kind `K` (a TokenRequest to
+    /// `serviceaccounts/{name}/token`) and returns the answer.
+    fn create_subresource<K: ApiResource, B: ApiResource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        subresource: &str,
+        body: &B,
+    ) -> impl Future<Output = Result<B, ApiError>> + Send;
+
     /// Patches the object, or its `subresource` (e.g. `status`).
     fn patch<K: ApiResource>(
         &self,

@@ -2,13 +2,15 @@
 //! `imageGCHighThresholdPercent`, remove images no container uses, least recently used
 //! first, until it is below `imageGCLowThresholdPercent`. Usage comes from the runtime's
 //! `ImageFsInfo`, capacity from statvfs of the filesystem it names, as the kubelet does.
-//! When an image was last used is only known to this process: it is tracked in memory from
-//! the runtime's container list at each pass, so after a restart every image starts afresh.
+//! When an image was first seen and last used is tracked from the runtime's container list
+//! at each pass and kept in a small file under the agent's root dir (written atomically,
+//! read at start; a corrupt one is logged and ignored), so a restart of the agent does not
+//! make every image look unused since then.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrolet_cri::v1;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -91,11 +93,108 @@ pub struct ImageGcPolicy {
     pub min_age: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Record {
-    first_seen: Instant,
-    /// `None`: never seen in use by this process.
-    last_used: Option<Instant>,
+    first_seen: SystemTime,
+    /// `None`: never seen in use.
+    last_used: Option<SystemTime>,
+}
+
+/// The file name of the records under the agent's root dir.
+pub const STATE_FILE: &str = "image-gc-state.json";
+
+/// The records as stored: milliseconds since the epoch by image id.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StoredRecords {
+    version: u32,
+    images: BTreeMap<String, StoredRecord>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StoredRecord {
+    first_seen_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_used_ms: Option<u64>,
+}
+
+const STATE_VERSION: u32 = 1;
+
+fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The records in `path`; none when it does not exist, and none (with a warning) when it
+/// cannot be read or is not what this agent writes.
+fn load_records(path: &Path) -> HashMap<String, Record> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "image last-used times unreadable; starting afresh");
+            return HashMap::new();
+        }
+    };
+    let stored: StoredRecords = match serde_json::from_slice(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "image last-used times corrupt; ignoring them");
+            return HashMap::new();
+        }
+    };
+    if stored.version != STATE_VERSION {
+        warn!(path = %path.display(), version = stored.version, "image last-used times of an unknown version; ignoring them");
+        return HashMap::new();
+    }
+    stored
+        .images
+        .into_iter()
+        .map(|(id, r)| {
+            (
+                id,
+                Record {
+                    first_seen: from_ms(r.first_seen_ms),
+                    last_used: r.last_used_ms.map(from_ms),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Writes the records to `path` through a temp file and a rename, so a crash leaves the
+/// old file or the new one.
+fn save_records(path: &Path, records: &HashMap<String, Record>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let stored = StoredRecords {
+        version: STATE_VERSION,
+        images: records
+            .iter()
+            .map(|(id, r)| {
+                (
+                    id.clone(),
+                    StoredRecord {
+                        first_seen_ms: to_ms(r.first_seen),
+                        last_used_ms: r.last_used.map(to_ms),
+                    },
+                )
+            })
+            .collect(),
+    };
+    let body = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// What one pass found and did.
@@ -116,6 +215,10 @@ pub struct ImageGc<R> {
     node: ObjectReference,
     policy: ImageGcPolicy,
     records: HashMap<String, Record>,
+    /// Where the records are kept across restarts; `None` keeps them in memory only.
+    state_file: Option<PathBuf>,
+    /// The records as last written, to skip writes that change nothing.
+    saved: HashMap<String, Record>,
 }
 
 impl<R: Runtime> ImageGc<R> {
@@ -139,6 +242,32 @@ impl<R: Runtime> ImageGc<R> {
             },
             policy,
             records: HashMap::new(),
+            state_file: None,
+            saved: HashMap::new(),
+        }
+    }
+
+    /// Keeps the records in `path` (see [`STATE_FILE`]), starting from what it holds.
+    #[must_use]
+    pub fn with_state_file(mut self, path: PathBuf) -> ImageGc<R> {
+        self.records = load_records(&path);
+        self.saved = self.records.clone();
+        self.state_file = Some(path);
+        self
+    }
+
+    /// Writes the records when they changed since the last write; a failure is logged
+    /// (the records stay in memory and the next pass tries again).
+    fn persist(&mut self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        if self.records == self.saved {
+            return;
+        }
+        match save_records(path, &self.records) {
+            Ok(()) => self.saved = self.records.clone(),
+            Err(e) => warn!(path = %path.display(), error = %e, "saving image last-used times"),
         }
     }
 
@@ -154,13 +283,13 @@ impl<R: Runtime> ImageGc<R> {
                 return;
             }
             wait = PERIOD;
-            self.pass(Instant::now()).await;
+            self.pass(SystemTime::now()).await;
         }
     }
 
     /// [`ImageGc::collect`], with a failure logged and reported as a Warning event on the
     /// Node.
-    pub async fn pass(&mut self, now: Instant) -> Option<Pass> {
+    pub async fn pass(&mut self, now: SystemTime) -> Option<Pass> {
         match self.collect(now).await {
             Ok(pass) => {
                 if pass.removed.is_empty() {
@@ -188,7 +317,7 @@ impl<R: Runtime> ImageGc<R> {
     }
 
     /// One pass at time `now`: refresh what is in use, then collect if over the threshold.
-    pub async fn collect(&mut self, now: Instant) -> Result<Pass, ImageGcError> {
+    pub async fn collect(&mut self, now: SystemTime) -> Result<Pass, ImageGcError> {
         let (mountpoint, used) = self.image_fs().await?;
         let capacity =
             self.fs
@@ -198,6 +327,7 @@ impl<R: Runtime> ImageGc<R> {
                     source,
                 })?;
         let images = self.detect(now).await?;
+        self.persist();
         let mut pass = Pass {
             used_bytes: used,
             capacity_bytes: capacity,
@@ -234,6 +364,7 @@ impl<R: Runtime> ImageGc<R> {
                 Err(e) => failures.push(e.to_string()),
             }
         }
+        self.persist();
         if pass.freed_bytes < wanted {
             return Err(ImageGcError::NotEnoughFreed {
                 wanted,
@@ -258,7 +389,7 @@ impl<R: Runtime> ImageGc<R> {
 
     /// Lists images and containers, updates the records, and returns the images with
     /// whether each is in use.
-    async fn detect(&mut self, now: Instant) -> Result<Vec<(v1::Image, bool)>, ImageGcError> {
+    async fn detect(&mut self, now: SystemTime) -> Result<Vec<(v1::Image, bool)>, ImageGcError> {
         let images = self.runtime.list_images().await?;
         let containers = self.runtime.list_containers(None, HashMap::new()).await?;
         // A container names its image by the reference it was created with and by the id
@@ -296,13 +427,13 @@ impl<R: Runtime> ImageGc<R> {
     /// Images that may go, least recently used first (never used before used), then
     /// oldest first seen. Pinned images (the runtime's sandbox image) and images in use or
     /// younger than the minimum age never go.
-    fn candidates(&self, images: Vec<(v1::Image, bool)>, now: Instant) -> Vec<v1::Image> {
+    fn candidates(&self, images: Vec<(v1::Image, bool)>, now: SystemTime) -> Vec<v1::Image> {
         let mut picked: Vec<(Record, v1::Image)> = images
             .into_iter()
             .filter(|(image, in_use)| !in_use && !image.pinned)
             .filter_map(|(image, _)| {
                 let record = *self.records.get(&image.id)?;
-                (now.saturating_duration_since(record.first_seen) >= self.policy.min_age)
+                (now.duration_since(record.first_seen).unwrap_or_default() >= self.policy.min_age)
                     .then_some((record, image))
             })
             .collect();

@@ -173,6 +173,16 @@ pub fn resources(
     (capacity, allocatable)
 }
 
+/// Allocatable resources as quantities, by name, for `resourceFieldRef` limits a container
+/// leaves unset.
+pub fn allocatable(settings: &NodeSettings, info: &SystemInfo) -> BTreeMap<String, Quantity> {
+    resources(settings, info)
+        .1
+        .into_iter()
+        .filter_map(|(name, q)| Some((name, Quantity::parse(&q.0).ok()?)))
+        .collect()
+}
+
 /// Condition (type, status, reason, message) tuples from the runtime and host state.
 pub fn condition_states(
     info: &SystemInfo,

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
 
 use crate::api::Api;
-use crate::volumes::field_value;
+use crate::config::Quantity;
+use crate::volumes::{field_value, resource_field};
 
 use super::PodError;
 use super::spec::expand;
@@ -40,10 +41,12 @@ fn missing(container: &str, what: String) -> PodError {
 }
 
 /// The resolved environment of `container`, in order, later names overriding earlier ones.
+/// `allocatable` is the node's, for `resourceFieldRef` limits the container does not set.
 pub async fn resolve<A: Api>(
     api: &A,
     pod: &Pod,
     container: &Container,
+    allocatable: &BTreeMap<String, Quantity>,
 ) -> Result<Vec<(String, String)>, PodError> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut out: Vec<(String, String)> = Vec::new();
@@ -126,12 +129,8 @@ pub async fn resolve<A: Api>(
                     }
                 }
             } else if let Some(r) = &from.resource_field_ref {
-                resource_value(container, &r.resource).ok_or_else(|| {
-                    missing(
-                        &container.name,
-                        format!("env {}: resource {:?} unsupported", var.name, r.resource),
-                    )
-                })?
+                resource_field::value(pod, Some(&container.name), r, allocatable)
+                    .map_err(|e| missing(&container.name, format!("env {}: {e}", var.name)))?
             } else {
                 String::new()
             }
@@ -145,23 +144,50 @@ pub async fn resolve<A: Api>(
     Ok(out)
 }
 
-/// `limits.cpu` (whole cores, rounded up), `limits.memory` (bytes), and the requests alike;
-/// an unset limit reads as the node's capacity in the kubelet, here as the request or 0.
-fn resource_value(container: &Container, resource: &str) -> Option<String> {
-    use crate::config::Quantity;
-    let (which, name) = resource.split_once('.')?;
-    let res = container.resources.as_ref();
-    let list = match which {
-        "limits" => res.and_then(|r| r.limits.as_ref()),
-        "requests" => res.and_then(|r| r.requests.as_ref()),
-        _ => return None,
-    };
-    let q = list
-        .and_then(|l| l.get(name))
-        .and_then(|q| Quantity::parse(&q.0).ok())
-        .unwrap_or_default();
-    match name {
-        "cpu" | "memory" | "ephemeral-storage" => Some(q.units_ceil().to_string()),
-        _ => None,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::fake::FakeApi;
+
+    #[tokio::test]
+    async fn resource_field_refs_share_the_volume_code_divisor_and_node_fallback() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns"},
+            "spec": {"containers": [
+                {"name": "app", "resources": {"limits": {"memory": "256Mi"}},
+                 "env": [
+                    {"name": "MEM_MB", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+                    {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+                    {"name": "SIDE_MEM", "valueFrom": {"resourceFieldRef": {"containerName": "side", "resource": "requests.memory"}}},
+                 ]},
+                {"name": "side", "resources": {"requests": {"memory": "10"}}},
+            ]},
+        }))
+        .expect("pod");
+        let node = BTreeMap::from([("cpu".to_owned(), Quantity::from_units(2))]);
+        let api = FakeApi::new();
+        let app = &pod.spec.as_ref().expect("spec").containers[0];
+        let env = resolve(&api, &pod, app, &node).await.expect("env");
+        assert_eq!(
+            env,
+            [
+                ("MEM_MB".to_owned(), "256".to_owned()),
+                ("CPU".to_owned(), "2".to_owned()),
+                ("SIDE_MEM".to_owned(), "10".to_owned()),
+            ]
+        );
+        let mut bad = app.clone();
+        bad.env = Some(vec![serde_json::from_value(serde_json::json!(
+            {"name": "X", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "2"}}}
+        ))
+        .expect("var")]);
+        let err = resolve(&api, &pod, &bad, &node)
+            .await
+            .expect_err("bad divisor");
+        assert!(
+            err.to_string()
+                .starts_with("container app: env X: divisor \"2\""),
+            "{err}"
+        );
     }
 }

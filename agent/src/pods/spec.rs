@@ -22,6 +22,9 @@ pub struct PodContext {
     pub host_ips: Vec<String>,
     /// Scheme of container IDs in statuses (`containerd`).
     pub runtime_name: String,
+    /// The node's allocatable resources: what `resourceFieldRef` reads for a limit a
+    /// container does not set.
+    pub allocatable: std::collections::BTreeMap<String, crate::config::Quantity>,
 }
 
 /// Identity of a pod used everywhere below.

@@ -379,6 +379,7 @@ fn rig(runtime: FakeRuntime) -> Rig {
             resolv_conf: root.path().join("resolv.conf"),
             host_ips: vec!["192.0.2.1".into()],
             runtime_name: "fake".into(),
+            allocatable: BTreeMap::new(),
         },
         cgroupfs: root.path().join("cgroupfs"),
         events: events.clone(),

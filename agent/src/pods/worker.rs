@@ -74,6 +74,8 @@ pub struct PodWorker<A, R, N> {
     /// Backoffs already reported as events, by container name and attempt, so a wait is
     /// reported once, not on every sync.
     reported_backoffs: HashSet<(String, u32)>,
+    /// The last volume failure reported as a FailedMount event, so it is reported once.
+    reported_volume_error: Option<String>,
     /// True while the runtime's event stream wakes this worker: it then looks on its own
     /// only every `relist`.
     event_driven: Arc<AtomicBool>,
@@ -170,6 +172,7 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             wake,
             events,
             reported_backoffs: HashSet::new(),
+            reported_volume_error: None,
             event_driven: Arc::default(),
             relist: POLL,
         }
@@ -436,7 +439,13 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
             .find(|c| c.name == start.name)
             .ok_or_else(|| PodError::Config(format!("container {} not in spec", start.name)))?;
         self.ensure_image(&container).await?;
-        let env = super::env::resolve(self.deps.api.as_ref(), &self.pod, &container).await?;
+        let env = super::env::resolve(
+            self.deps.api.as_ref(),
+            &self.pod,
+            &container,
+            &self.deps.ctx.allocatable,
+        )
+        .await?;
         let sub_paths = resolve_sub_paths(&container, volumes, &env)?;
         let config = container_config(
             &self.pod,
@@ -552,10 +561,12 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
                 self.deps.mounter.as_ref(),
                 &self.pod,
                 &pod_dir,
+                &self.deps.ctx.allocatable,
             )
             .await
             {
                 Ok(vols) => {
+                    self.reported_volume_error = None;
                     let (sandbox_id, sandbox_ips) = obs
                         .sandbox
                         .as_ref()
@@ -582,6 +593,11 @@ impl<A: Api, R: Runtime, N: Network> PodWorker<A, R, N> {
                 }
                 Err(e) => {
                     warn!(error = %e, "volumes not ready");
+                    let message = format!("MountVolume.SetUp failed: {e}");
+                    if self.reported_volume_error.as_deref() != Some(message.as_str()) {
+                        self.events.warning("FailedMount", &message, None);
+                        self.reported_volume_error = Some(message);
+                    }
                     for start in &plan.start {
                         self.held.insert(
                             start.name.clone(),

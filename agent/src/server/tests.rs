@@ -28,6 +28,7 @@ fn setup() -> Setup {
         resolv_conf: root.path().join("resolv.conf"),
         host_ips: vec!["192.0.2.1".into()],
         runtime_name: "fake".into(),
+        allocatable: BTreeMap::new(),
     };
     Setup {
         api: KubeletApi {

@@ -85,6 +85,20 @@ pub fn write_atomic(
     mode: u32,
     modes: &BTreeMap<String, u32>,
 ) -> Result<bool, VolumeError> {
+    write_atomic_owned(volume, dir, files, mode, modes, &BTreeMap::new())
+}
+
+/// [`write_atomic`], with the files `owners` names owned by that uid; they are chowned
+/// before the swap, so a reader never sees one it cannot open.
+pub fn write_atomic_owned(
+    volume: &str,
+    dir: &Path,
+    files: &BTreeMap<String, Vec<u8>>,
+    mode: u32,
+    modes: &BTreeMap<String, u32>,
+    owners: &BTreeMap<String, u32>,
+) -> Result<bool, VolumeError> {
+    use std::os::unix::fs::MetadataExt as _;
     for rel in files.keys() {
         check_path(volume, rel)?;
     }
@@ -97,8 +111,10 @@ pub fn write_atomic(
             && &have == files
             && files.keys().all(|rel| {
                 let want = modes.get(rel).copied().unwrap_or(mode);
-                std::fs::metadata(data.join(rel))
-                    .is_ok_and(|m| m.permissions().mode() & 0o777 == want)
+                std::fs::metadata(data.join(rel)).is_ok_and(|m| {
+                    m.permissions().mode() & 0o777 == want
+                        && owners.get(rel).is_none_or(|uid| m.uid() == *uid)
+                })
             })
             && top_names(files).iter().all(|n| {
                 std::fs::read_link(dir.join(n)).is_ok_and(|t| t == Path::new(DATA).join(n))
@@ -126,6 +142,9 @@ pub fn write_atomic(
             let bits = modes.get(rel).copied().unwrap_or(mode);
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(bits))
                 .map_err(io(volume, &path))?;
+            if let Some(uid) = owners.get(rel) {
+                std::os::unix::fs::chown(&path, Some(*uid), None).map_err(io(volume, &path))?;
+            }
         }
         Ok(())
     })();

@@ -3,9 +3,13 @@
 //! agent mounts under the pod dir and unmounts at teardown), downwardAPI. API-backed
 //! volumes are checked on every sync and swapped atomically ([`atomic`]) when their
 //! source changed, so an updated ConfigMap reaches running containers all at once.
+//! Projected service account tokens come from the API's TokenRequest and are replaced the
+//! same way once 80% of their lifetime has passed ([`token`]).
 
 pub mod atomic;
 pub mod mount;
+pub mod resource_field;
+pub mod token;
 
 pub use mount::{FakeMounter, HostMounter, Mounter};
 
@@ -17,6 +21,7 @@ use k8s_openapi::api::core::v1::{
 };
 
 use crate::api::{Api, ApiError};
+use crate::config::Quantity;
 use crate::pods::spec::HostVolume;
 
 /// A volume that could not be made ready; names the volume and the cause.
@@ -57,11 +62,13 @@ fn kind_dir(pod_dir: &Path, kind: &str) -> PathBuf {
 }
 
 /// Makes every volume of `pod` ready under `pod_dir` and returns them by name.
+/// `allocatable` is the node's, for `resourceFieldRef` limits the containers do not set.
 pub async fn prepare<A: Api>(
     api: &A,
     mounter: &dyn Mounter,
     pod: &Pod,
     pod_dir: &Path,
+    allocatable: &BTreeMap<String, Quantity>,
 ) -> Result<HashMap<String, HostVolume>, VolumeError> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut out = HashMap::new();
@@ -71,7 +78,7 @@ pub async fn prepare<A: Api>(
         .and_then(|s| s.volumes.clone())
         .unwrap_or_default();
     for volume in &volumes {
-        let host = prepare_one(api, mounter, pod, namespace, volume, pod_dir).await?;
+        let host = prepare_one(api, mounter, pod, namespace, volume, pod_dir, allocatable).await?;
         out.insert(volume.name.clone(), host);
     }
     Ok(out)
@@ -157,6 +164,7 @@ async fn prepare_one<A: Api>(
     namespace: &str,
     volume: &Volume,
     pod_dir: &Path,
+    allocatable: &BTreeMap<String, Quantity>,
 ) -> Result<HostVolume, VolumeError> {
     let name = &volume.name;
     if name.is_empty() || name.contains('/') || name == ".." {
@@ -173,7 +181,7 @@ async fn prepare_one<A: Api>(
                 let size = match &ed.size_limit {
                     None => None,
                     Some(q) => Some(
-                        crate::config::Quantity::parse(&q.0)
+                        Quantity::parse(&q.0)
                             .map_err(|e| VolumeError::Invalid {
                                 volume: name.clone(),
                                 message: format!("sizeLimit {:?}: {e}", q.0),
@@ -209,6 +217,8 @@ async fn prepare_one<A: Api>(
     let mode;
     // Secrets (and projections, which may hold them) stay off the disk.
     let mut in_memory = false;
+    // Token files are private to the pod's user unless the volume says otherwise.
+    let mut private_paths: Vec<String> = Vec::new();
     if let Some(cm) = &volume.config_map {
         dir = kind_dir(pod_dir, "configmap").join(name);
         mode = file_mode(name, cm.default_mode)?;
@@ -244,6 +254,7 @@ async fn prepare_one<A: Api>(
             name,
             pod,
             d.items.as_deref().unwrap_or_default(),
+            allocatable,
             &mut files,
         )?;
     } else if let Some(p) = &volume.projected {
@@ -280,8 +291,17 @@ async fn prepare_one<A: Api>(
                     name,
                     pod,
                     d.items.as_deref().unwrap_or_default(),
+                    allocatable,
                     &mut files,
                 )?;
+            }
+            if let Some(t) = &source.service_account_token {
+                let current = atomic::current_version(&dir).map(|v| v.join(&t.path));
+                let jwt = token::token_file(api, name, pod, t, current.as_deref()).await?;
+                files.insert(t.path.clone(), jwt.into_bytes());
+                if p.default_mode.is_none() {
+                    private_paths.push(t.path.clone());
+                }
             }
         }
     } else {
@@ -296,12 +316,50 @@ async fn prepare_one<A: Api>(
     if in_memory {
         ensure_tmpfs(mounter, name, &dir, None)?;
     }
-    let modes = item_modes(volume)?;
-    atomic::write_atomic(name, &dir, &files, mode, &modes)?;
+    let mut modes = item_modes(volume)?;
+    let owner = token_owner(pod);
+    let mut owners = BTreeMap::new();
+    for path in private_paths {
+        if let Some(uid) = owner {
+            owners.insert(path.clone(), uid);
+        }
+        modes.insert(path, 0o600);
+    }
+    atomic::write_atomic_owned(name, &dir, &files, mode, &modes, &owners)?;
     Ok(HostVolume {
         path: dir,
         read_only: true,
     })
+}
+
+/// Who owns a pod's private token files: the uid every (init and app) container runs as,
+/// when they all name the same non-root one (pod or container `runAsUser`), as upstream's
+/// `FsUserFrom`; otherwise root. Without this a pod running as non-root could not read
+/// its own 0600 token.
+pub fn token_owner(pod: &Pod) -> Option<u32> {
+    let spec = pod.spec.as_ref()?;
+    let pod_user = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    let mut owner = None;
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        let user = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or(pod_user)?;
+        match owner {
+            None => owner = Some(user),
+            Some(o) if o != user => return None,
+            Some(_) => {}
+        }
+    }
+    owner
+        .and_then(|u| u32::try_from(u).ok())
+        .filter(|u| *u != 0)
 }
 
 fn host_path(volume: &str, path: &Path, kind: &str) -> Result<(), VolumeError> {
@@ -524,22 +582,28 @@ fn downward_files(
     volume: &str,
     pod: &Pod,
     items: &[DownwardAPIVolumeFile],
+    allocatable: &BTreeMap<String, Quantity>,
     files: &mut BTreeMap<String, Vec<u8>>,
 ) -> Result<(), VolumeError> {
+    let invalid = |message: String| VolumeError::Invalid {
+        volume: volume.into(),
+        message,
+    };
     for item in items {
-        let Some(field) = &item.field_ref else {
-            return Err(VolumeError::Invalid {
-                volume: volume.into(),
-                message: format!(
-                    "downwardAPI item {:?}: only fieldRef is supported",
+        let value = match (&item.field_ref, &item.resource_field_ref) {
+            (Some(field), None) => field_value(pod, &field.field_path).ok_or_else(|| {
+                invalid(format!("fieldRef {:?} is not supported", field.field_path))
+            })?,
+            // A volume belongs to no container: the item names its own.
+            (None, Some(r)) => resource_field::value(pod, None, r, allocatable)
+                .map_err(|e| invalid(format!("downwardAPI item {:?}: {e}", item.path)))?,
+            _ => {
+                return Err(invalid(format!(
+                    "downwardAPI item {:?}: exactly one of fieldRef and resourceFieldRef is required",
                     item.path
-                ),
-            });
+                )));
+            }
         };
-        let value = field_value(pod, &field.field_path).ok_or_else(|| VolumeError::Invalid {
-            volume: volume.into(),
-            message: format!("fieldRef {:?} is not supported", field.field_path),
-        })?;
         files.insert(item.path.clone(), value.into_bytes());
     }
     Ok(())

@@ -14,6 +14,16 @@ use super::*;
 use crate::api::fake::FakeApi;
 use std::path::Path;
 
+/// [`super::prepare`] on a node with no allocatable resources known.
+async fn prepare<A: Api>(
+    api: &A,
+    mounter: &dyn Mounter,
+    pod: &Pod,
+    pod_dir: &Path,
+) -> Result<HashMap<String, HostVolume>, VolumeError> {
+    super::prepare(api, mounter, pod, pod_dir, &BTreeMap::new()).await
+}
+
 fn pod(volumes: Vec<Volume>) -> Pod {
     Pod {
         metadata: ObjectMeta {
@@ -547,4 +557,490 @@ async fn item_modes_override_the_default_mode_and_bad_ones_are_refused() {
         err.contains("mode 1000 of item \"bin/run.sh\" is not between 0 and 0777"),
         "{err}"
     );
+}
+
+/// A pod from JSON parts, for the projected and downward volume tests.
+fn pod_json(spec: serde_json::Value) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+        "spec": spec,
+    }))
+    .expect("pod")
+}
+
+fn volume_json(v: serde_json::Value) -> Volume {
+    serde_json::from_value(v).expect("volume")
+}
+
+#[tokio::test]
+async fn downward_api_resource_fields_use_limits_or_the_node_allocatable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    let items = serde_json::json!([
+        {"path": "cpu_limit", "resourceFieldRef": {"containerName": "app", "resource": "limits.cpu", "divisor": "1m"}},
+        {"path": "mem_limit", "resourceFieldRef": {"containerName": "app", "resource": "limits.memory", "divisor": "1Mi"}},
+        {"path": "mem_request", "resourceFieldRef": {"containerName": "app", "resource": "requests.memory"}},
+        {"path": "node_cpu", "resourceFieldRef": {"containerName": "bare", "resource": "limits.cpu"}},
+        {"path": "node_disk", "resourceFieldRef": {"containerName": "bare", "resource": "limits.ephemeral-storage", "divisor": "1Gi"}},
+        {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+    ]);
+    let spec = |volume: serde_json::Value| {
+        serde_json::json!({
+            "containers": [
+                {"name": "app", "resources": {"limits": {"cpu": "500m", "memory": "64Mi"},
+                    "requests": {"memory": "1Ki"}}},
+                {"name": "bare"},
+            ],
+            "volumes": [volume],
+        })
+    };
+    let allocatable = BTreeMap::from([
+        ("cpu".to_owned(), Quantity::from_units(3)),
+        (
+            "ephemeral-storage".to_owned(),
+            Quantity::from_units(20 << 30),
+        ),
+    ]);
+    let plain = pod_json(spec(
+        serde_json::json!({"name": "info", "downwardAPI": {"items": items}}),
+    ));
+    let v = super::prepare(&api, &mounter, &plain, &dir.path().join("a"), &allocatable)
+        .await
+        .expect("downwardAPI volume");
+    let read = |v: &HostVolume, f: &str| std::fs::read_to_string(v.path.join(f)).expect(f);
+    for (file, want) in [
+        ("cpu_limit", "500"),
+        ("mem_limit", "64"),
+        ("mem_request", "1024"),
+        ("node_cpu", "3"),
+        ("node_disk", "20"),
+        ("name", "p"),
+    ] {
+        assert_eq!(read(&v["info"], file), want, "{file}");
+    }
+    // The same items in a projected volume's downwardAPI source.
+    let projected = pod_json(spec(serde_json::json!({"name": "info", "projected": {
+        "sources": [{"downwardAPI": {"items": items}}]}})));
+    let v = super::prepare(
+        &api,
+        &mounter,
+        &projected,
+        &dir.path().join("b"),
+        &allocatable,
+    )
+    .await
+    .expect("projected volume");
+    assert_eq!(read(&v["info"], "cpu_limit"), "500");
+    assert_eq!(read(&v["info"], "node_cpu"), "3");
+
+    // Bad items: each named in the error, nothing written.
+    for (item, want) in [
+        (
+            serde_json::json!({"path": "x", "resourceFieldRef": {"resource": "limits.cpu"}}),
+            "containerName is required",
+        ),
+        (
+            serde_json::json!({"path": "x", "resourceFieldRef": {"containerName": "ghost", "resource": "limits.cpu"}}),
+            "container \"ghost\" is not in the pod",
+        ),
+        (
+            serde_json::json!({"path": "x", "resourceFieldRef": {"containerName": "app", "resource": "limits.gpu"}}),
+            "resource \"limits.gpu\" is not supported",
+        ),
+        (
+            serde_json::json!({"path": "x", "resourceFieldRef": {"containerName": "app", "resource": "limits.cpu", "divisor": "0"}}),
+            "divisor \"0\"",
+        ),
+        (
+            serde_json::json!({"path": "x", "resourceFieldRef": {"containerName": "app", "resource": "limits.memory", "divisor": "3Mi"}}),
+            "must be one of",
+        ),
+        (
+            serde_json::json!({"path": "x"}),
+            "exactly one of fieldRef and resourceFieldRef",
+        ),
+    ] {
+        let bad = pod_json(spec(
+            serde_json::json!({"name": "info", "downwardAPI": {"items": [item]}}),
+        ));
+        let pod_dir = dir.path().join("bad");
+        let err = super::prepare(&api, &mounter, &bad, &pod_dir, &allocatable)
+            .await
+            .expect_err(want)
+            .to_string();
+        assert!(
+            err.contains(want) && err.starts_with("volume info"),
+            "{err} lacks {want}"
+        );
+        assert!(
+            !pod_dir.join("volumes/downward-api/info/..data").exists(),
+            "{want}: something was written"
+        );
+    }
+}
+
+/// The volume upstream's admission plugin adds to every pod, as the agent gets it.
+fn kube_api_access(token: serde_json::Value, default_mode: Option<u32>) -> Volume {
+    let mut projected = serde_json::json!({"sources": [
+        {"serviceAccountToken": token},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]});
+    if let Some(m) = default_mode {
+        projected["defaultMode"] = m.into();
+    }
+    volume_json(serde_json::json!({"name": "kube-api-access", "projected": projected}))
+}
+
+fn now_secs() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs(),
+    )
+    .expect("seconds")
+}
+
+/// An unsigned JWT with these claims (the agent only reads them).
+fn jwt(iat: i64, exp: i64) -> String {
+    use base64::Engine as _;
+    let claims = serde_json::json!({"iat": iat, "exp": exp, "aud": ["https://kubernetes.default.svc.cluster.local"]});
+    format!(
+        "e30.{}.c2ln",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string())
+    )
+}
+
+fn token_requests(api: &FakeApi) -> Vec<String> {
+    api.writes()
+        .into_iter()
+        .filter_map(|w| match w {
+            crate::api::fake::Write::Create { path } if path.ends_with("/token") => Some(path),
+            _ => None,
+        })
+        .collect()
+}
+
+fn with_root_ca(api: &FakeApi) {
+    api.insert(
+        Some("ns"),
+        &ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("kube-root-ca.crt".into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([("ca.crt".into(), "CA-PEM".into())])),
+            ..Default::default()
+        },
+    );
+}
+
+fn service_account(api: &FakeApi, name: &str) {
+    api.insert(
+        Some("ns"),
+        &k8s_openapi::api::core::v1::ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+}
+
+#[tokio::test]
+async fn the_kube_api_access_volume_gets_a_private_token_the_ca_and_the_namespace_on_tmpfs() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    with_root_ca(&api);
+    service_account(&api, "robot");
+    let first = jwt(now_secs(), now_secs() + 3607);
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        "robot",
+        "token",
+        serde_json::json!({"status": {"token": first}}),
+    );
+    let p = pod_json(serde_json::json!({
+        "serviceAccountName": "robot",
+        "containers": [{"name": "app"}],
+        "volumes": [kube_api_access(serde_json::json!({"path": "token", "expirationSeconds": 3607}), None)],
+    }));
+    let pod_dir = dir.path().join("pod");
+    let v = prepare(&api, &mounter, &p, &pod_dir).await.expect("volume");
+    let vol = &v["kube-api-access"];
+    let read = |f: &str| std::fs::read_to_string(vol.path.join(f)).expect(f);
+    let mode = |f: &str| {
+        std::fs::metadata(vol.path.join(f))
+            .expect(f)
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(read("token"), first);
+    assert_eq!(read("ca.crt"), "CA-PEM");
+    assert_eq!(read("namespace"), "ns");
+    assert_eq!(mode("token"), 0o600, "token private by default");
+    assert_eq!(mode("ca.crt"), 0o644);
+    assert!(vol.read_only);
+    assert!(mounter.is_mounted(&vol.path), "tokens stay off the disk");
+    assert_eq!(
+        token_requests(&api),
+        ["/api/v1/namespaces/ns/serviceaccounts/robot/token"]
+    );
+
+    // Young: kept, no new request on the next syncs.
+    prepare(&api, &mounter, &p, &pod_dir).await.expect("again");
+    prepare(&api, &mounter, &p, &pod_dir).await.expect("again");
+    assert_eq!(token_requests(&api).len(), 1, "fresh token asked for again");
+
+    // Past 80% of its life: asked for again and swapped in with the rest.
+    let old = jwt(now_secs() - 3000, now_secs() + 600);
+    std::fs::write(
+        atomic::current_version(&vol.path)
+            .expect("version")
+            .join("token"),
+        &old,
+    )
+    .expect("age the token");
+    let second = jwt(now_secs(), now_secs() + 3600);
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        "robot",
+        "token",
+        serde_json::json!({"status": {"token": second}}),
+    );
+    prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect("refresh");
+    assert_eq!(token_requests(&api).len(), 2);
+    assert_eq!(read("token"), second);
+    assert_eq!(read("ca.crt"), "CA-PEM");
+
+    // A defaultMode applies to the token too.
+    let p = pod_json(serde_json::json!({
+        "serviceAccountName": "robot",
+        "containers": [{"name": "app"}],
+        "volumes": [kube_api_access(serde_json::json!({"path": "token"}), Some(0o440))],
+    }));
+    prepare(&api, &mounter, &p, &pod_dir).await.expect("mode");
+    assert_eq!(mode("token"), 0o440);
+    assert_eq!(mode("namespace"), 0o440);
+}
+
+#[tokio::test]
+async fn a_missing_service_account_or_a_short_lifetime_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    with_root_ca(&api);
+    let p = pod_json(serde_json::json!({
+        "serviceAccountName": "ghost",
+        "containers": [{"name": "app"}],
+        "volumes": [kube_api_access(serde_json::json!({"path": "token"}), None)],
+    }));
+    let pod_dir = dir.path().join("pod");
+    let err = prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect_err("no such account");
+    assert!(
+        matches!(&err, VolumeError::Missing { kind: "serviceaccount", name, .. } if name == "ghost"),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "volume kube-api-access: serviceaccount ns/ghost not found"
+    );
+    let vol_dir = pod_dir.join("volumes/projected/kube-api-access");
+    assert!(!vol_dir.join("..data").exists(), "half a volume written");
+    assert!(mounter.mounted().is_empty(), "tmpfs mounted for nothing");
+
+    // No serviceAccountName: the namespace's default account.
+    service_account(&api, "default");
+    let p = pod_json(serde_json::json!({
+        "containers": [{"name": "app"}],
+        "volumes": [kube_api_access(serde_json::json!({"path": "token", "audience": "vault"}), None)],
+    }));
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        "default",
+        "token",
+        serde_json::json!({"status": {"token": jwt(now_secs(), now_secs() + 3600)}}),
+    );
+    prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect("default account");
+    assert_eq!(
+        token_requests(&api),
+        ["/api/v1/namespaces/ns/serviceaccounts/default/token"]
+    );
+    // Its token says another audience than "vault": asked for again each time, as the
+    // projection's audience is what counts.
+    prepare(&api, &mounter, &p, &pod_dir).await.expect("again");
+    assert_eq!(token_requests(&api).len(), 2);
+
+    for seconds in [0, 599] {
+        let short = pod_json(serde_json::json!({
+            "containers": [{"name": "app"}],
+            "volumes": [kube_api_access(serde_json::json!({"path": "token", "expirationSeconds": seconds}), None)],
+        }));
+        let err = prepare(&api, &mounter, &short, &dir.path().join("short"))
+            .await
+            .expect_err("too short")
+            .to_string();
+        assert!(err.contains("less than the minimum of 600"), "{err}");
+    }
+    assert_eq!(
+        token_requests(&api).len(),
+        2,
+        "short lifetimes reached the API"
+    );
+    // A server answering without a token is an error, not an empty file.
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        "default",
+        "token",
+        serde_json::json!({"status": {"token": ""}}),
+    );
+    let err = prepare(&api, &mounter, &p, &dir.path().join("empty"))
+        .await
+        .expect_err("empty token")
+        .to_string();
+    assert!(err.contains("without a token"), "{err}");
+}
+
+#[tokio::test]
+async fn a_failed_refresh_keeps_a_token_that_still_holds_and_fails_once_it_expired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    with_root_ca(&api);
+    service_account(&api, "default");
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        "default",
+        "token",
+        serde_json::json!({"status": {"token": jwt(now_secs(), now_secs() + 3600)}}),
+    );
+    let p = pod_json(serde_json::json!({
+        "containers": [{"name": "app"}],
+        "volumes": [kube_api_access(serde_json::json!({"path": "token"}), None)],
+    }));
+    let pod_dir = dir.path().join("pod");
+    let v = prepare(&api, &mounter, &p, &pod_dir).await.expect("volume");
+    let vol = v["kube-api-access"].path.clone();
+    Api::delete::<k8s_openapi::api::core::v1::ServiceAccount>(
+        &api,
+        Some("ns"),
+        "default",
+        &crate::api::DeleteParams::default(),
+    )
+    .await
+    .expect("delete account");
+    let age = |token: &str| {
+        std::fs::write(
+            atomic::current_version(&vol)
+                .expect("version")
+                .join("token"),
+            token,
+        )
+        .expect("age the token");
+    };
+    // Due for refresh but unexpired: the refresh fails, the token stays.
+    let aged = jwt(now_secs() - 3000, now_secs() + 600);
+    age(&aged);
+    prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect("kept the old token");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("token")).expect("token"),
+        aged
+    );
+    // Expired: the failure is the pod's.
+    age(&jwt(now_secs() - 4000, now_secs() - 1));
+    let err = prepare(&api, &mounter, &p, &pod_dir)
+        .await
+        .expect_err("expired and no account");
+    assert!(
+        err.to_string()
+            .contains("serviceaccount ns/default not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tokens_belong_to_the_one_non_root_user_all_containers_run_as() {
+    let owner = |spec: serde_json::Value| token_owner(&pod_json(spec));
+    assert_eq!(
+        owner(serde_json::json!({"containers": [{"name": "a"}]})),
+        None
+    );
+    assert_eq!(
+        owner(serde_json::json!({"securityContext": {"runAsUser": 1000},
+            "containers": [{"name": "a"}, {"name": "b"}]})),
+        Some(1000)
+    );
+    assert_eq!(
+        owner(serde_json::json!({"securityContext": {"runAsUser": 1000},
+            "initContainers": [{"name": "i", "securityContext": {"runAsUser": 2000}}],
+            "containers": [{"name": "a"}]})),
+        None,
+        "two users: root keeps it"
+    );
+    assert_eq!(
+        owner(serde_json::json!({"containers": [
+            {"name": "a", "securityContext": {"runAsUser": 7}},
+            {"name": "b", "securityContext": {"runAsUser": 7}}]})),
+        Some(7)
+    );
+    assert_eq!(
+        owner(serde_json::json!({"containers": [
+            {"name": "a", "securityContext": {"runAsUser": 7}}, {"name": "b"}]})),
+        None,
+        "one container without a user"
+    );
+    assert_eq!(
+        owner(
+            serde_json::json!({"securityContext": {"runAsUser": 0}, "containers": [{"name": "a"}]})
+        ),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_non_root_pod_owns_its_token_file() {
+    use std::os::unix::fs::MetadataExt as _;
+    // As root any uid will do; as another user only one's own uid can be given away to.
+    let me = nix::unistd::geteuid().as_raw();
+    let uid = if me == 0 { 4321 } else { me };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::new();
+    let mounter = FakeMounter::default();
+    with_root_ca(&api);
+    service_account(&api, "default");
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        "default",
+        "token",
+        serde_json::json!({"status": {"token": jwt(now_secs(), now_secs() + 3600)}}),
+    );
+    let p = pod_json(serde_json::json!({
+        "securityContext": {"runAsUser": uid},
+        "containers": [{"name": "app"}],
+        "volumes": [kube_api_access(serde_json::json!({"path": "token"}), None)],
+    }));
+    let v = prepare(&api, &mounter, &p, &dir.path().join("pod"))
+        .await
+        .expect("volume");
+    let meta = std::fs::metadata(v["kube-api-access"].path.join("token")).expect("token");
+    assert_eq!(meta.uid(), uid);
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    let ca = std::fs::metadata(v["kube-api-access"].path.join("ca.crt")).expect("ca");
+    assert_eq!(ca.uid(), me, "only the token changes hands");
 }

@@ -68,6 +68,7 @@ fn subresource_entry(r: &Resource, sub: &str) -> Value {
         "scale" => ("Scale", "autoscaling", "v1", &["get", "patch", "update"]),
         "binding" => ("Binding", "", "v1", &["create"]),
         "eviction" => ("Eviction", "policy", "v1", &["create"]),
+        "token" => ("TokenRequest", "authentication.k8s.io", "v1", &["create"]),
         "log" => (r.kind_name, "", "v1", &["get"]),
         "finalize" => (r.kind_name, "", "v1", &["update"]),
         _ => (r.kind_name, "", "", &["get", "patch", "update"]),

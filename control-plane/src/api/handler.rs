@@ -21,6 +21,7 @@ use super::registry::{self, Kind, Resource};
 use super::request::{ResourceRoute, Verb};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::table::{self, IncludeObject};
+use super::tokens::{self, TokenIssuer};
 use super::validation;
 use super::watchcache::{CacheEvent, WatchCache};
 use crate::storage::{KeyValue, ListOptions, Revision, Store, StoreError, WatchEvent};
@@ -62,6 +63,8 @@ pub struct Api {
     alloc: Allocator,
     /// Reaches nodes' agents for `pods/log`; without it log requests answer 503.
     node_logs: Option<Arc<dyn NodeLogs>>,
+    /// Signs service account tokens; without it `serviceaccounts/token` answers 503.
+    tokens: Option<Arc<TokenIssuer>>,
 }
 
 /// Prefix every API object is stored under; the watch cache follows all of it.
@@ -350,7 +353,50 @@ impl Api {
             cache,
             alloc,
             node_logs: None,
+            tokens: None,
         }
+    }
+
+    /// Serves `serviceaccounts/token` and accepts the tokens it issues.
+    pub fn with_token_issuer(mut self, tokens: Arc<TokenIssuer>) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// The user a service account token authenticates as: the token must verify (see
+    /// [`TokenIssuer::verify`]) and its service account, and the pod it is bound to, must
+    /// still exist with the uids it names. `None` for any other token.
+    pub async fn authenticate_token(&self, token: &str) -> Option<String> {
+        let issuer = self.tokens.as_ref()?;
+        let claims = match issuer.verify(token, object::now().timestamp()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "bearer token refused");
+                return None;
+            }
+        };
+        let k = &claims.kubernetes;
+        let ns = Some(k.namespace.as_str());
+        let uid_of = |kv: &KeyValue, r: &Resource| {
+            render(r, kv)
+                .ok()
+                .map(|o| object::meta_str(&o, "uid").to_owned())
+        };
+        let sas = registry::by_kind(Kind::ServiceAccount);
+        let sa = self.read(sas, ns, &k.serviceaccount.name).await.ok()?;
+        if uid_of(&sa, sas).as_deref() != Some(k.serviceaccount.uid.as_str()) {
+            tracing::debug!(user = %claims.username(), "token of a service account that is gone");
+            return None;
+        }
+        if let Some(pod) = &k.pod {
+            let pods = registry::by_kind(Kind::Pod);
+            let current = self.read(pods, ns, &pod.name).await.ok()?;
+            if uid_of(&current, pods).as_deref() != Some(pod.uid.as_str()) {
+                tracing::debug!(user = %claims.username(), pod = %pod.name, "token of a pod that is gone");
+                return None;
+            }
+        }
+        Some(claims.username())
     }
 
     /// Serves `pods/log` by fetching logs from nodes' agents through `node_logs`.
@@ -435,6 +481,7 @@ impl Api {
             (Verb::Watch, _) => self.watch(&req).await,
             (Verb::Create, Some("binding")) => self.bind(&req).await,
             (Verb::Create, Some("eviction")) => self.evict(&req).await,
+            (Verb::Create, Some("token")) => self.token_request(&req).await,
             (Verb::Create, _) => self.create(&req).await,
             (Verb::Update, Some("scale")) => self.update_scale(&req, None).await,
             (Verb::Patch(kind), Some("scale")) => self.update_scale(&req, Some(*kind)).await,
@@ -1461,6 +1508,78 @@ impl Api {
         })
     }
 
+    /// `POST serviceaccounts/{name}/token`: a signed token for the service account,
+    /// bound to a pod when the request names one (which must exist, with the uid given).
+    async fn token_request(&self, req: &ResourceRequest) -> Result<Reply, ApiError> {
+        let r = req.route.resource;
+        let (ns, name) = (self.namespace(req).unwrap_or("default"), self.name(req));
+        let issuer = self.tokens.as_ref().ok_or_else(|| {
+            ApiError::ServiceUnavailable(
+                "this API server has no service account signing key".into(),
+            )
+        })?;
+        let body = decode::parse_body(&req.body, &req.content_type)?;
+        let spec = tokens::parse_request(&body, name)?;
+        let sa = render(r, &self.read(r, Some(ns), name).await?)?;
+        let pod = match &spec.bound {
+            None => None,
+            Some(bound) => {
+                let pods = registry::by_kind(Kind::Pod);
+                let pod = render(pods, &self.read(pods, Some(ns), &bound.name).await?)?;
+                let uid = object::meta_str(&pod, "uid").to_owned();
+                if bound.uid.as_ref().is_some_and(|want| *want != uid) {
+                    return Err(ApiError::Conflict {
+                        resource: pods.qualified(),
+                        name: bound.name.clone(),
+                        why: format!(
+                            "the uid in the bound object reference ({}) does not match the pod's ({uid}): it may have been deleted and created again",
+                            bound.uid.as_deref().unwrap_or_default()
+                        ),
+                    });
+                }
+                Some(tokens::ObjectRef {
+                    name: bound.name.clone(),
+                    uid,
+                })
+            }
+        };
+        let now = object::now();
+        let iat = now.timestamp();
+        let exp = iat + spec.expiration_seconds;
+        let claims = tokens::Claims {
+            iss: tokens::API_AUDIENCE.into(),
+            sub: format!("system:serviceaccount:{ns}:{name}"),
+            aud: spec.audiences.clone(),
+            exp,
+            iat,
+            nbf: iat,
+            kubernetes: tokens::KubernetesClaims {
+                namespace: ns.to_owned(),
+                serviceaccount: tokens::ObjectRef {
+                    name: name.to_owned(),
+                    uid: object::meta_str(&sa, "uid").to_owned(),
+                },
+                pod,
+            },
+        };
+        let expires = chrono::DateTime::from_timestamp(exp, 0).unwrap_or(now);
+        let mut answer = json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": object::timestamp(now)},
+            "spec": {"audiences": spec.audiences, "expirationSeconds": spec.expiration_seconds},
+            "status": {"token": issuer.sign(&claims), "expirationTimestamp": object::timestamp(expires)},
+        });
+        if let Some(b) = body["spec"].get("boundObjectRef") {
+            answer["spec"]["boundObjectRef"] = b.clone();
+        }
+        Ok(Reply::Json {
+            code: 201,
+            body: answer,
+            warnings: Vec::new(),
+        })
+    }
+
     async fn evict(&self, req: &ResourceRequest) -> Result<Reply, ApiError> {
         let delete = ResourceRequest {
             route: ResourceRoute {
@@ -1930,6 +2049,146 @@ mod tests {
 
     const DEPLOYS: &str = "/apis/apps/v1/namespaces/default/deployments";
     const JSON: &str = "application/json";
+
+    const SAS: &str = "/api/v1/namespaces/default/serviceaccounts";
+
+    #[tokio::test]
+    async fn token_requests_give_tokens_that_authenticate_while_their_objects_exist() {
+        let api = api()
+            .await
+            .with_token_issuer(Arc::new(TokenIssuer::from_secret(&[7; 32])));
+        call(
+            &api,
+            "POST",
+            SAS,
+            JSON,
+            json!({"metadata": {"name": "robot"}}),
+        )
+        .await
+        .expect("service account");
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        let pod = call(&api, "POST", "/api/v1/namespaces/default/pods", JSON, pod)
+            .await
+            .expect("pod");
+        let pod_uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
+        let request = |bound_uid: &str| {
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [], "expirationSeconds": 600,
+                    "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "web", "uid": bound_uid}}})
+        };
+        let answer = call(
+            &api,
+            "POST",
+            &format!("{SAS}/robot/token"),
+            JSON,
+            request(&pod_uid),
+        )
+        .await
+        .expect("token");
+        assert_eq!(answer["kind"], "TokenRequest");
+        assert_eq!(answer["spec"]["audiences"], json!([tokens::API_AUDIENCE]));
+        let token = answer["status"]["token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        assert!(!answer["status"]["expirationTimestamp"].is_null());
+        assert_eq!(
+            api.authenticate_token(&token).await.as_deref(),
+            Some("system:serviceaccount:default:robot")
+        );
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(api.authenticate_token(&tampered).await, None);
+
+        // Bad requests: no such account, a pod uid that is not the pod's, too short a life.
+        let missing = call(
+            &api,
+            "POST",
+            &format!("{SAS}/nobody/token"),
+            JSON,
+            request(&pod_uid),
+        )
+        .await
+        .expect_err("missing account");
+        assert_eq!(missing.code(), 404);
+        let stale = call(
+            &api,
+            "POST",
+            &format!("{SAS}/robot/token"),
+            JSON,
+            request("old-uid"),
+        )
+        .await
+        .expect_err("stale pod uid");
+        assert_eq!(stale.code(), 409);
+        let short = call(
+            &api,
+            "POST",
+            &format!("{SAS}/robot/token"),
+            JSON,
+            json!({"spec": {"expirationSeconds": 60}}),
+        )
+        .await
+        .expect_err("short");
+        assert_eq!(short.code(), 422);
+
+        // The pod goes: its token stops working.
+        call(
+            &api,
+            "DELETE",
+            "/api/v1/namespaces/default/pods/web?gracePeriodSeconds=0",
+            JSON,
+            Value::Null,
+        )
+        .await
+        .expect("delete pod");
+        assert_eq!(api.authenticate_token(&token).await, None);
+        // An unbound token dies with its service account.
+        let answer = call(
+            &api,
+            "POST",
+            &format!("{SAS}/robot/token"),
+            JSON,
+            json!({"spec": {}}),
+        )
+        .await
+        .expect("unbound token");
+        let unbound = answer["status"]["token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        assert!(api.authenticate_token(&unbound).await.is_some());
+        call(&api, "DELETE", &format!("{SAS}/robot"), JSON, Value::Null)
+            .await
+            .expect("delete account");
+        assert_eq!(api.authenticate_token(&unbound).await, None);
+    }
+
+    #[tokio::test]
+    async fn without_a_signing_key_token_requests_are_unavailable() {
+        let api = api().await;
+        call(
+            &api,
+            "POST",
+            SAS,
+            JSON,
+            json!({"metadata": {"name": "robot"}}),
+        )
+        .await
+        .expect("service account");
+        let err = call(
+            &api,
+            "POST",
+            &format!("{SAS}/robot/token"),
+            JSON,
+            json!({"spec": {}}),
+        )
+        .await
+        .expect_err("no key");
+        assert_eq!(err.code(), 503);
+    }
 
     #[tokio::test]
     async fn unfiltered_lists_from_the_cache_match_lists_from_the_store() {

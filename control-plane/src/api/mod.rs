@@ -14,6 +14,7 @@ pub mod registry;
 pub mod request;
 pub mod selectors;
 pub mod table;
+pub mod tokens;
 pub mod validation;
 pub mod watchcache;
 

@@ -1,5 +1,5 @@
 //! Request bodies in Kubernetes' protobuf encoding, as kubectl's typed clients send them
-//! (`kubectl create namespace|configmap|secret|deployment|service`, `kubectl run`,
+//! (`kubectl create namespace|configmap|secret|deployment|service|token`, `kubectl run`,
 //! `kubectl expose`), turned into the JSON the rest of the server works on.
 //!
 //! The envelope is the 4-byte magic `k8s\0` and a `runtime.Unknown` message whose
@@ -277,6 +277,32 @@ fn fields(message: &str) -> &'static [Field] {
         }
         "DeploymentStrategy" => {
             const T: &[Field] = &[f(1, "type", Str)];
+            T
+        }
+        // `kubectl create token`.
+        "TokenRequest" => {
+            const T: &[Field] = &[
+                f(1, "metadata", Msg("ObjectMeta")),
+                f(2, "spec", Msg("TokenRequestSpec")),
+                f(3, "status", Ignore),
+            ];
+            T
+        }
+        "TokenRequestSpec" => {
+            const T: &[Field] = &[
+                list(1, "audiences", Str),
+                f(3, "boundObjectRef", Msg("BoundObjectReference")),
+                f(4, "expirationSeconds", Int),
+            ];
+            T
+        }
+        "BoundObjectReference" => {
+            const T: &[Field] = &[
+                f(1, "kind", Str),
+                f(2, "apiVersion", Str),
+                f(3, "name", Str),
+                f(4, "uid", Str),
+            ];
             T
         }
         _ => &[],
@@ -589,6 +615,34 @@ mod tests {
         string(2, &spec, &mut raw);
         let obj = decode(&envelope("apps/v1", "Deployment", &raw)).expect("decodes");
         assert_eq!(obj["spec"], json!({"replicas": 0}));
+    }
+
+    #[test]
+    fn token_request_as_kubectl_create_token_sends_it() {
+        let mut bound = Vec::new();
+        string(1, b"Pod", &mut bound);
+        string(2, b"v1", &mut bound);
+        string(3, b"web", &mut bound);
+        string(4, b"u-1", &mut bound);
+        let mut spec = Vec::new();
+        string(1, b"vault", &mut spec);
+        string(3, &bound, &mut spec);
+        varint(4 << 3, &mut spec);
+        varint(600, &mut spec);
+        let mut meta = Vec::new();
+        string(1, b"default", &mut meta);
+        let mut raw = Vec::new();
+        string(1, &meta, &mut raw);
+        string(2, &spec, &mut raw);
+        let obj =
+            decode(&envelope("authentication.k8s.io/v1", "TokenRequest", &raw)).expect("decodes");
+        assert_eq!(
+            obj,
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "metadata": {"name": "default"},
+                "spec": {"audiences": ["vault"], "expirationSeconds": 600,
+                    "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "web", "uid": "u-1"}}})
+        );
     }
 
     proptest::proptest! {

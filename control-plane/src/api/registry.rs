@@ -143,7 +143,7 @@ pub static RESOURCES: &[Resource] = &[
         singular: "serviceaccount",
         short_names: &["sa"],
         namespaced: true,
-        subresources: &[],
+        subresources: &["token"],
         categories: &[],
         definition: "io.k8s.api.core.v1.ServiceAccount",
     },

@@ -75,6 +75,8 @@ pub struct ManagerConfig {
     pub gc_interval: Duration,
     pub workers: usize,
     pub enabled: manager::EnabledControllers,
+    /// The cluster CA (PEM) the namespace controller publishes as `kube-root-ca.crt`.
+    pub root_ca_pem: Option<String>,
 }
 
 impl Default for ManagerConfig {
@@ -86,6 +88,7 @@ impl Default for ManagerConfig {
             gc_interval: Duration::from_secs(5),
             workers: 2,
             enabled: manager::EnabledControllers::all(),
+            root_ca_pem: None,
         }
     }
 }
@@ -135,7 +138,11 @@ pub async fn run_all(
         tasks.spawn(endpoints::EndpointsController::new(Arc::clone(&client)).run(w));
     }
     if on("namespace") {
-        tasks.spawn(namespace::NamespaceController::new(Arc::clone(&client)).run(w));
+        let mut c = namespace::NamespaceController::new(Arc::clone(&client));
+        if let Some(pem) = config.root_ca_pem.clone() {
+            c = c.with_root_ca(pem);
+        }
+        tasks.spawn(c.run(w));
     }
     if on("nodelifecycle") {
         tasks.spawn(

@@ -1,4 +1,6 @@
-//! Namespace lifecycle: every active namespace gets a `default` ServiceAccount; a namespace
+//! Namespace lifecycle: every active namespace gets a `default` ServiceAccount and, when
+//! the cluster CA is known, the `kube-root-ca.crt` ConfigMap with it under `ca.crt` (upstream's
+//! root CA publisher, which pods' projected service account volumes read); a namespace
 //! being deleted has everything in it deleted, then its `kubernetes` finalizer removed so the
 //! API server can remove it.
 
@@ -44,6 +46,10 @@ pub fn namespaced_types() -> Vec<ResourceType> {
 }
 
 pub const NAMESPACE_FINALIZER: &str = "kubernetes";
+/// The ConfigMap every namespace gets with the cluster CA.
+pub const ROOT_CA_CONFIG_MAP: &str = "kube-root-ca.crt";
+/// Its key.
+pub const ROOT_CA_KEY: &str = "ca.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {
@@ -61,6 +67,10 @@ pub struct NamespaceController {
     client: Arc<dyn ClusterClient>,
     pub namespaces: Cache<Namespace>,
     pub service_accounts: Cache<ServiceAccount>,
+    /// Only the `kube-root-ca.crt` ConfigMaps.
+    pub root_ca_maps: Cache<ConfigMap>,
+    /// The cluster CA in PEM; `None` publishes nothing.
+    root_ca: Option<String>,
     pub queue: WorkQueue,
 }
 
@@ -70,7 +80,74 @@ impl NamespaceController {
             client,
             namespaces: Cache::new(),
             service_accounts: Cache::new(),
+            root_ca_maps: Cache::new(),
+            root_ca: None,
             queue: WorkQueue::new(),
+        }
+    }
+
+    /// Publishes `pem` as `kube-root-ca.crt` in every active namespace.
+    #[must_use]
+    pub fn with_root_ca(mut self, pem: String) -> Self {
+        self.root_ca = Some(pem);
+        self
+    }
+
+    pub fn on_config_map(&self, ev: Event<ConfigMap>) {
+        let ours = |c: &ConfigMap| c.metadata.name.as_deref() == Some(ROOT_CA_CONFIG_MAP);
+        let ev = match ev {
+            Event::Applied(c) if ours(&c) => Event::Applied(c),
+            Event::Deleted(c) if ours(&c) => Event::Deleted(c),
+            Event::Restarted(items) => Event::Restarted(items.into_iter().filter(ours).collect()),
+            _ => return,
+        };
+        for k in self.root_ca_maps.apply(&ev) {
+            if let Some((ns, _)) = k.split_once('/') {
+                self.queue.add(ns.to_owned());
+            }
+        }
+    }
+
+    /// Creates or corrects the namespace's `kube-root-ca.crt`.
+    async fn publish_root_ca(&self, namespace: &str, pem: &str) -> Result<(), ClientError> {
+        let want = std::collections::BTreeMap::from([(ROOT_CA_KEY.to_owned(), pem.to_owned())]);
+        let typed = Typed::<ConfigMap>::new(self.client.as_ref());
+        match self
+            .root_ca_maps
+            .get(&format!("{namespace}/{ROOT_CA_CONFIG_MAP}"))
+        {
+            Some(current) if current.data.as_ref() == Some(&want) => Ok(()),
+            Some(current) => {
+                let mut fixed = current.as_ref().clone();
+                fixed.data = Some(want);
+                fixed.binary_data = None;
+                let stored = typed.update(&fixed).await?;
+                self.root_ca_maps.apply(&Event::Applied(stored));
+                Ok(())
+            }
+            None => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(ROOT_CA_CONFIG_MAP.into()),
+                        namespace: Some(namespace.to_owned()),
+                        annotations: Some(std::collections::BTreeMap::from([(
+                            "kubernetes.io/description".to_owned(),
+                            "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters.".to_owned(),
+                        )])),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(want),
+                    ..ConfigMap::default()
+                };
+                match typed.create(&cm).await {
+                    Ok(created) => {
+                        self.root_ca_maps.apply(&Event::Applied(created));
+                        Ok(())
+                    }
+                    Err(e) if e.is_already_exists() => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
         }
     }
 
@@ -124,6 +201,15 @@ impl NamespaceController {
                     Err(e) if e.is_already_exists() => {}
                     // Created between our read and write: terminating namespaces refuse it.
                     Err(e) => return Err(err("creating the default ServiceAccount".into())(e)),
+                }
+            }
+            if let Some(pem) = &self.root_ca {
+                match self.publish_root_ca(name, pem).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_conflict() => return Ok(Some(Duration::from_millis(100))),
+                    // A namespace that started terminating meanwhile refuses new objects.
+                    Err(ClientError::Api { code: 403, .. }) => {}
+                    Err(e) => return Err(err(format!("publishing {ROOT_CA_CONFIG_MAP}"))(e)),
                 }
             }
             return Ok(None);
@@ -221,6 +307,15 @@ impl NamespaceController {
             backoff,
             move |ev| me.on_service_account(ev),
         ));
+        if self.root_ca.is_some() {
+            let me = self.clone();
+            tokio::spawn(reflect::<ConfigMap>(
+                Arc::clone(&self.client),
+                None,
+                backoff,
+                move |ev| me.on_config_map(ev),
+            ));
+        }
         super::run_workers(self.queue.clone(), workers, move |key| {
             let me = self.clone();
             async move { me.reconcile(&key).await }
@@ -253,6 +348,42 @@ mod tests {
         assert_eq!(sas.len(), 1);
         assert_eq!(sas[0]["metadata"]["name"], "default");
         assert_eq!(sas[0]["metadata"]["namespace"], "team");
+    }
+
+    #[tokio::test]
+    async fn every_active_namespace_gets_the_root_ca_and_a_changed_one_is_put_back() {
+        let fake = FakeClient::new();
+        let c = NamespaceController::new(Arc::new(fake.clone())).with_root_ca("PEM-1".into());
+        c.on_namespace(Event::Applied(ns(false)));
+        c.reconcile("team").await.unwrap();
+        c.reconcile("team").await.unwrap();
+        let maps = fake.objects(ResourceType::of::<ConfigMap>());
+        assert_eq!(maps.len(), 1, "{maps:?}");
+        assert_eq!(maps[0]["metadata"]["name"], ROOT_CA_CONFIG_MAP);
+        assert_eq!(maps[0]["metadata"]["namespace"], "team");
+        assert_eq!(maps[0]["data"]["ca.crt"], "PEM-1");
+        // Someone edits it: the watch brings the change and the next pass restores it.
+        let mut edited: ConfigMap = serde_json::from_value(maps[0].clone()).unwrap();
+        edited.data = Some([("ca.crt".to_owned(), "tampered".to_owned())].into());
+        c.on_config_map(Event::Applied(edited));
+        c.reconcile("team").await.unwrap();
+        let maps = fake.objects(ResourceType::of::<ConfigMap>());
+        assert_eq!(maps[0]["data"]["ca.crt"], "PEM-1");
+        // Other ConfigMaps are not the publisher's business.
+        c.on_config_map(Event::Applied(
+            serde_json::from_value(json!({"metadata": {"name": "app", "namespace": "team"}}))
+                .unwrap(),
+        ));
+        assert!(c.root_ca_maps.get("team/app").is_none());
+    }
+
+    #[tokio::test]
+    async fn without_a_root_ca_nothing_is_published() {
+        let fake = FakeClient::new();
+        let c = NamespaceController::new(Arc::new(fake.clone()));
+        c.on_namespace(Event::Applied(ns(false)));
+        c.reconcile("team").await.unwrap();
+        assert!(fake.objects(ResourceType::of::<ConfigMap>()).is_empty());
     }
 
     #[tokio::test]

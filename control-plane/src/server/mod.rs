@@ -30,6 +30,7 @@ use crate::api::handler::REGISTRY_PREFIX;
 use crate::api::logs::KubeletClient;
 use crate::api::request::{self, Route};
 use crate::api::table::IncludeObject;
+use crate::api::tokens::TokenIssuer;
 use crate::api::watchcache::WatchCache;
 use crate::api::{Api, ApiError, Reply, ResourceRequest, discovery, openapi};
 use crate::certs::{self, CertError};
@@ -46,6 +47,9 @@ pub struct Config {
     pub cluster_cidr: Option<IpNet>,
     /// A CSV of `token,user,uid[,"group1,group2"]`; when absent one is made under the data dir.
     pub token_auth_file: Option<PathBuf>,
+    /// The key service account tokens are signed with (64 hex digits); when absent one is
+    /// made under the data dir. API servers sharing a store must share this key.
+    pub service_account_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +64,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ServiceAccountKey(#[from] crate::api::tokens::TokenError),
     #[error("token file {path}: {why}")]
     Tokens { path: PathBuf, why: String },
     #[error("store: {0}")]
@@ -161,6 +167,13 @@ struct Shared {
     tokens: HashMap<String, TokenUser>,
 }
 
+/// The cluster CA certificate (PEM) clients verify this server with: what the
+/// `kube-root-ca.crt` ConfigMaps publish.
+fn read_ca(paths: &certs::CertPaths) -> Result<String, ServerError> {
+    std::fs::read_to_string(&paths.ca_cert)
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", paths.ca_cert.display())))
+}
+
 /// Binds, prepares certificates and the kubeconfig, and serves until the process ends.
 pub async fn run(config: Config, store: Arc<dyn Store>) -> Result<(), ServerError> {
     prepare(config, store).await?.serve().await
@@ -172,11 +185,17 @@ pub struct Prepared {
     listener: TcpListener,
     tls: rustls::ServerConfig,
     shared: Arc<Shared>,
+    root_ca_pem: String,
 }
 
 impl Prepared {
     pub fn api(&self) -> Arc<Api> {
         Arc::clone(&self.shared.api)
+    }
+
+    /// The cluster CA certificate in PEM, for the root CA publisher.
+    pub fn root_ca_pem(&self) -> &str {
+        &self.root_ca_pem
     }
 
     /// Serves until the process ends.
@@ -185,6 +204,7 @@ impl Prepared {
             listener,
             tls,
             shared,
+            ..
         } = self;
         serve(listener, tls, shared).await
     }
@@ -223,6 +243,12 @@ pub async fn prepare(config: Config, store: Arc<dyn Store>) -> Result<Prepared, 
         None => ensure_token_file(&config.data_dir)?,
     };
     let tokens = load_tokens(&token_path)?;
+    let key_path = config
+        .service_account_key_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("service-account.key"));
+    let issuer = Arc::new(TokenIssuer::load_or_create(&key_path)?);
+    let root_ca_pem = read_ca(&paths)?;
 
     let revision = store.current_revision().await?;
     let cache = WatchCache::new(revision);
@@ -235,7 +261,8 @@ pub async fn prepare(config: Config, store: Arc<dyn Store>) -> Result<Prepared, 
     .with_node_logs(Arc::new(KubeletClient::new(
         &paths.kubelet_client_cert,
         &paths.kubelet_client_key,
-    )?));
+    )?))
+    .with_token_issuer(issuer);
     api.bootstrap().await?;
 
     let server_ip = match local.ip() {
@@ -254,6 +281,7 @@ pub async fn prepare(config: Config, store: Arc<dyn Store>) -> Result<Prepared, 
         listener,
         tls,
         shared,
+        root_ca_pem,
     })
 }
 
@@ -345,15 +373,22 @@ fn error_response(err: &ApiError) -> Response<Body> {
     json_response(err.code(), &err.status(), &[])
 }
 
-fn authenticated(shared: &Shared, req: &Request<Incoming>, has_cert: bool) -> bool {
+/// A client certificate signed by the cluster CA, a static token, or a service account
+/// token that still holds.
+async fn authenticated(shared: &Shared, req: &Request<Incoming>, has_cert: bool) -> bool {
     if has_cert {
         return true;
     }
-    req.headers()
+    let Some(token) = req
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|token| shared.tokens.contains_key(token.trim()))
+        .map(str::trim)
+    else {
+        return false;
+    };
+    shared.tokens.contains_key(token) || shared.api.authenticate_token(token).await.is_some()
 }
 
 fn wants_table(req: &Request<Incoming>, query: &HashMap<String, String>) -> Option<IncludeObject> {
@@ -377,7 +412,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>, has_cert: bool) -> Resp
 }
 
 async fn respond(shared: &Shared, req: Request<Incoming>, has_cert: bool) -> Response<Body> {
-    if !authenticated(shared, &req, has_cert) {
+    if !authenticated(shared, &req, has_cert).await {
         return error_response(&ApiError::Unauthorized);
     }
     let route = match request::route(req.uri().path()) {

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use ferrolet_cri::v1;
 
@@ -100,7 +100,7 @@ async fn below_the_high_threshold_nothing_is_removed() {
     runtime.add_image("old", 30 * MB, false);
     runtime.add_image("older", 30 * MB, false);
     let (mut gc, events) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), policy(61, 10));
-    let pass = gc.collect(Instant::now()).await.expect("pass");
+    let pass = gc.collect(SystemTime::now()).await.expect("pass");
     assert_eq!(pass.used_bytes, 60 * MB);
     assert_eq!(pass.capacity_bytes, CAPACITY);
     assert!(pass.removed.is_empty());
@@ -121,7 +121,7 @@ async fn over_the_threshold_unused_images_go_until_below_the_low_one() {
     runtime.exit("done", 0);
     // 90% used; down to 60% means freeing 30 MB: both unused images, nothing else.
     let (mut gc, events) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), policy(85, 60));
-    let pass = gc.collect(Instant::now()).await.expect("pass");
+    let pass = gc.collect(SystemTime::now()).await.expect("pass");
     assert_eq!(pass.used_bytes, 90 * MB);
     assert_eq!(pass.freed_bytes, 40 * MB);
     let mut removed = pass.removed.clone();
@@ -137,7 +137,7 @@ async fn the_least_recently_used_image_goes_first_and_no_more_than_needed() {
     runtime.add_image("was-used", 30 * MB, false);
     runtime.add_image("never-used", 30 * MB, false);
     runtime.add_image("used-early", 30 * MB, false);
-    let t0 = Instant::now();
+    let t0 = SystemTime::now();
     // Disabled collection still keeps the records of what was used when.
     let (mut gc, _) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), policy(100, 0));
     container(&runtime, "early", "used-early").await;
@@ -164,7 +164,7 @@ async fn the_least_recently_used_image_goes_first_and_no_more_than_needed() {
 async fn images_younger_than_the_minimum_age_stay() {
     let runtime = Arc::new(FakeRuntime::default());
     runtime.add_image("fresh", 90 * MB, false);
-    let t0 = Instant::now();
+    let t0 = SystemTime::now();
     let mut young = policy(50, 0);
     young.min_age = Duration::from_secs(120);
     let (mut gc, _) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), young);
@@ -191,7 +191,7 @@ async fn too_little_to_free_is_reported_as_free_disk_space_failed_on_the_node() 
     runtime.refuse_removal("stuck");
     container(&runtime, "app", "busy").await;
     let (mut gc, events) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), policy(50, 0));
-    assert!(gc.pass(Instant::now()).await.is_none());
+    assert!(gc.pass(SystemTime::now()).await.is_none());
     assert_eq!(runtime.image_names(), ["busy", "pause", "stuck"]);
     let got = events.events();
     assert_eq!(got.len(), 1, "{got:?}");
@@ -214,9 +214,9 @@ async fn an_unreadable_image_filesystem_is_reported_as_image_gc_failed() {
     let runtime = Arc::new(FakeRuntime::default());
     runtime.add_image("spare", 90 * MB, false);
     let (mut gc, events) = gc(&runtime, Arc::new(BrokenFs), policy(50, 0));
-    assert!(gc.pass(Instant::now()).await.is_none());
+    assert!(gc.pass(SystemTime::now()).await.is_none());
     runtime.break_image_fs();
-    assert!(gc.pass(Instant::now()).await.is_none());
+    assert!(gc.pass(SystemTime::now()).await.is_none());
     let reasons = events.reasons();
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(
@@ -228,4 +228,81 @@ async fn an_unreadable_image_filesystem_is_reported_as_image_gc_failed() {
         "{reasons:?}"
     );
     assert_eq!(runtime.image_names(), ["spare"]);
+}
+
+#[tokio::test]
+async fn last_used_times_survive_a_restart_of_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join(super::STATE_FILE);
+    let runtime = Arc::new(FakeRuntime::default());
+    runtime.add_image("used-first", 40 * MB, false);
+    runtime.add_image("used-later", 40 * MB, false);
+    let t0 = SystemTime::now() - Duration::from_secs(3600);
+    {
+        let (gc, _) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), policy(100, 0));
+        let mut gc = gc.with_state_file(state.clone());
+        container(&runtime, "a", "used-first").await;
+        gc.collect(t0).await.expect("first pass");
+        remove_containers_named(&runtime, "a").await;
+        container(&runtime, "b", "used-later").await;
+        gc.collect(t0 + Duration::from_secs(60))
+            .await
+            .expect("second pass");
+        remove_containers_named(&runtime, "b").await;
+    }
+    assert!(state.exists(), "no state written");
+
+    // A new agent, past the minimum age: the image used longest ago goes first. Without
+    // the file both would look first seen now (kept by min_age), and ties go by id.
+    let mut aged = policy(50, 0);
+    aged.min_age = Duration::from_secs(600);
+    let (gc, _) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), aged);
+    let mut gc = gc.with_state_file(state.clone());
+    let mut low = aged;
+    low.low_percent = 45;
+    gc.policy = low;
+    let pass = gc
+        .collect(SystemTime::now())
+        .await
+        .expect("collecting pass");
+    assert_eq!(pass.removed, ["sha256:used-first"]);
+    let text = std::fs::read_to_string(&state).expect("state");
+    assert!(
+        !text.contains("used-first") && text.contains("used-later"),
+        "removed image still recorded: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_or_foreign_times_file_is_ignored_and_rewritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join(super::STATE_FILE);
+    let runtime = Arc::new(FakeRuntime::default());
+    runtime.add_image("img", 10 * MB, false);
+    for bad in [
+        "{not json",
+        "",
+        r#"{"version": 99, "images": {}}"#,
+        r#"{"version": 1, "images": {"sha256:img": {"firstSeenMs": "yesterday"}}}"#,
+        r#"{"version": 1, "images": {}, "extra": true}"#,
+    ] {
+        std::fs::write(&state, bad).expect("write");
+        let (gc, _) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), policy(100, 0));
+        let mut gc = gc.with_state_file(state.clone());
+        gc.collect(SystemTime::now()).await.expect("pass");
+        let text = std::fs::read_to_string(&state).expect("rewritten");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(v["version"], 1, "{bad:?}: {text}");
+        assert!(
+            v["images"]["sha256:img"]["firstSeenMs"].is_u64(),
+            "{bad:?}: {text}"
+        );
+    }
+    // An unwritable place is logged, not fatal.
+    let (gc, _) = gc(&runtime, Arc::new(FixedFs(CAPACITY)), policy(100, 0));
+    let mut gc = gc.with_state_file(dir.path().join("missing-parent-is-a-file/x.json"));
+    std::fs::write(dir.path().join("missing-parent-is-a-file"), "").expect("file");
+    gc.collect(SystemTime::now())
+        .await
+        .expect("pass without a state file");
 }
