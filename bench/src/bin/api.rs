@@ -665,16 +665,32 @@ async fn main() -> Result<()> {
             Better::Lower,
         )
         .target("< 100 ms", sqlite.list_median < Duration::from_millis(100)),
+        // From the acknowledgement most events are already there (p50 0); from the create
+        // request being sent the figure includes the create's own round trip.
         Figure::versus(
-            "watch delivery p50",
+            "create sent to watch event, p50",
             "ms",
-            ms(sqlite.watch_ack_p50),
-            ms(etcd.watch_ack_p50),
+            ms(sqlite.watch_sent_p50),
+            ms(etcd.watch_sent_p50),
             peer,
             Better::Lower,
         ),
         Figure::versus(
-            &format!("watch delivery p99 ({} watchers)", args.watchers),
+            &format!(
+                "create sent to watch event, p99 ({} watchers)",
+                args.watchers
+            ),
+            "ms",
+            ms(sqlite.watch_sent_p99),
+            ms(etcd.watch_sent_p99),
+            peer,
+            Better::Lower,
+        ),
+        Figure::versus(
+            &format!(
+                "create acknowledged to watch event, p99 ({} watchers)",
+                args.watchers
+            ),
             "ms",
             ms(sqlite.watch_ack_p99),
             ms(etcd.watch_ack_p99),
