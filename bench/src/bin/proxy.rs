@@ -11,7 +11,9 @@
 //! - the floor under any change at that table size: `iptables-restore --noflush` of one
 //!   empty chain created and deleted (legacy reads and replaces the whole table blob in the
 //!   kernel for it; nf_tables fetches and commits only the named chain), and for legacy the
-//!   read alone (an empty `*nat` commit, which libiptc does not write back);
+//!   read alone (an empty `*nat` commit, which libiptc does not write back); and one rule
+//!   added to a new chain, which is what any change to a Service's endpoints must at least do
+//!   (nf_tables validates the whole table in the kernel when a rule is added);
 //!
 //! and the bytes each writes. Prints a Markdown table and writes JSON.
 
@@ -349,19 +351,24 @@ fn median(v: &[Cost]) -> Cost {
 }
 
 /// The cheapest changes `tool` can make to the nat table as it stands: (create and delete
-/// one empty chain, read the table without writing it), medians of `n` runs.
-fn floors(tool: &str, n: usize) -> Result<(Cost, Cost)> {
+/// one empty chain, read the table without writing it, add one rule to a new chain), medians
+/// of `n` runs.
+fn floors(tool: &str, n: usize) -> Result<(Cost, Cost, Cost)> {
+    const DROP_CHAIN: &str = "*nat\n:FERRO-BENCH-FLOOR - [0:0]\n-X FERRO-BENCH-FLOOR\nCOMMIT\n";
     let mut noop = Vec::new();
     let mut read = Vec::new();
+    let mut rule = Vec::new();
     for _ in 0..n {
-        noop.push(restore(
+        noop.push(restore(tool, DROP_CHAIN, true)?);
+        read.push(restore(tool, "*nat\nCOMMIT\n", true)?);
+        rule.push(restore(
             tool,
-            "*nat\n:FERRO-BENCH-FLOOR - [0:0]\n-X FERRO-BENCH-FLOOR\nCOMMIT\n",
+            "*nat\n:FERRO-BENCH-FLOOR - [0:0]\n-A FERRO-BENCH-FLOOR -p tcp -j ACCEPT\nCOMMIT\n",
             true,
         )?);
-        read.push(restore(tool, "*nat\nCOMMIT\n", true)?);
+        restore(tool, DROP_CHAIN, true)?;
     }
-    Ok((median(&noop), median(&read)))
+    Ok((median(&noop), median(&read), median(&rule)))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -381,11 +388,13 @@ struct BackendResult {
     floor: Measure,
     /// An empty nat commit (legacy: the table read alone).
     read: Measure,
+    /// One rule added to a new chain.
+    rule: Measure,
 }
 
 const FLOOR_RUNS: usize = 7;
 
-type Ours = (Measure, Measure, Measure, Measure, Measure);
+type Ours = (Measure, Measure, Measure, Measure, Measure, Measure);
 
 fn ours(args: &Args, choice: BackendChoice, tool: &'static str, ns: &str) -> Result<Ours> {
     let (services, per, changes) = (args.services, args.endpoints, args.changes);
@@ -425,21 +434,28 @@ fn ours(args: &Args, choice: BackendChoice, tool: &'static str, ns: &str) -> Res
             }
             bytes = r.bytes;
         }
-        let (floor, read) = floors(tool, FLOOR_RUNS)?;
-        Ok((full, resync, (median(&times), bytes), floor, read))
+        let (floor, read, rule) = floors(tool, FLOOR_RUNS)?;
+        Ok((full, resync, (median(&times), bytes), floor, read, rule))
     })
-    .map(|(full, resync, change, floor, read)| {
+    .map(|(full, resync, change, floor, read, rule)| {
         let m = |(t, b): (Cost, usize)| Measure {
             ours: t,
             ours_bytes: b,
             base: Cost::default(),
             base_bytes: 0,
         };
-        (m(full), m(resync), m(change), m((floor, 0)), m((read, 0)))
+        (
+            m(full),
+            m(resync),
+            m(change),
+            m((floor, 0)),
+            m((read, 0)),
+            m((rule, 0)),
+        )
     })
 }
 
-fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Cost, usize); 5]> {
+fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Cost, usize); 6]> {
     let (services, per, changes) = (args.services, args.endpoints, args.changes);
     in_netns(ns, move || {
         let full = kp_full(services, per);
@@ -464,13 +480,14 @@ fn baseline(args: &Args, tool: &'static str, ns: &str) -> Result<[(Cost, usize);
             back[0] = old;
             restore(tool, &kp_partial(services, i, &back, ips[0]), true)?;
         }
-        let (floor, read) = floors(tool, FLOOR_RUNS)?;
+        let (floor, read, rule) = floors(tool, FLOOR_RUNS)?;
         Ok([
             (t_full, full.len()),
             (t_resync, full.len()),
             (median(&times), bytes),
             (floor, 0),
             (read, 0),
+            (rule, 0),
         ])
     })
 }
@@ -501,7 +518,7 @@ fn main() -> Result<()> {
             args.services, args.endpoints
         );
         let ns = Netns::new(format!("fbench-proxy-{}-{label}-ours", std::process::id()))?;
-        let (mut full, mut resync, mut change, mut floor, mut read) =
+        let (mut full, mut resync, mut change, mut floor, mut read, mut rule) =
             ours(&args, choice, tool, &ns.0)?;
         if args.keep {
             eprintln!("{label}: keeping namespace {}", ns.0);
@@ -511,7 +528,7 @@ fn main() -> Result<()> {
         }
         eprintln!("{label}: kube-proxy-shaped baseline");
         let ns = Netns::new(format!("fbench-proxy-{}-{label}-kp", std::process::id()))?;
-        let [bf, br, bc, bfl, brd] = baseline(&args, tool, &ns.0)?;
+        let [bf, br, bc, bfl, brd, bru] = baseline(&args, tool, &ns.0)?;
         drop(ns);
         for (m, (t, b)) in [
             (&mut full, bf),
@@ -519,6 +536,7 @@ fn main() -> Result<()> {
             (&mut change, bc),
             (&mut floor, bfl),
             (&mut read, brd),
+            (&mut rule, bru),
         ] {
             m.base = t;
             m.base_bytes = b;
@@ -530,6 +548,7 @@ fn main() -> Result<()> {
             change,
             floor,
             read,
+            rule,
         });
     }
 
@@ -550,6 +569,7 @@ fn main() -> Result<()> {
             ("one endpoint change", r.change),
             ("floor: one empty chain created and deleted", r.floor),
             ("floor: empty nat commit (table read)", r.read),
+            ("floor: one rule added to a new chain", r.rule),
         ] {
             let wall = ratio(m.base.wall, m.ours.wall);
             let cpu = ratio(m.base.cpu, m.ours.cpu);
@@ -576,7 +596,7 @@ fn main() -> Result<()> {
     for r in &results {
         let c = r.change.ours;
         println!(
-            "{}: one endpoint change: {:.1} ms wall, {:.1} ms CPU = {:.1} ms ferrolet + {:.1} ms iptables-restore; the floor of any change at this table size is {:.1} ms wall, {:.1} ms CPU",
+            "{}: one endpoint change: {:.1} ms wall, {:.1} ms CPU = {:.1} ms ferrolet + {:.1} ms iptables-restore; the floor of any change at this table size is {:.1} ms wall, {:.1} ms CPU, and of adding one rule {:.1} ms wall, {:.1} ms CPU",
             r.backend,
             ms(c.wall),
             ms(c.cpu),
@@ -584,6 +604,8 @@ fn main() -> Result<()> {
             ms(c.tools),
             ms(r.floor.ours.wall),
             ms(r.floor.ours.cpu),
+            ms(r.rule.ours.wall),
+            ms(r.rule.ours.cpu),
         );
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -649,6 +671,16 @@ fn main() -> Result<()> {
             )
             .target("< 50 ms", r.change.ours.wall < Duration::from_millis(50)),
         );
+        // What iptables-restore and the kernel take to add any one rule at this table size
+        // (measured on ferrolet's table): below it no endpoint change can go.
+        figures.push(Figure::versus(
+            &format!("{b}: floor, one rule added to a new chain"),
+            "ms",
+            ms(r.rule.ours.wall),
+            ms(r.rule.base.wall),
+            &peer,
+            Better::Lower,
+        ));
     }
     ferrolet_bench::write_figures(&args.out, &figures)
         .with_context(|| format!("write the figures beside {}", args.out.display()))?;
