@@ -53,7 +53,7 @@ struct Args {
     backend: String,
     #[arg(long, default_value = "bench/out/proxy.json")]
     out: PathBuf,
-    /// Leave ferrolet's namespace behind (named in the output) to inspect its rules.
+    /// Leave the namespaces behind (named in the output) to inspect their rules.
     #[arg(long)]
     keep: bool,
 }
@@ -194,11 +194,22 @@ fn kp_full(services: usize, per: usize) -> String {
     out.push_str(KP_NAT_HEAD);
     out.push_str(&decl);
     out.push_str(KP_NAT_FIXED);
+    // kube-proxy hooks its chains into the built-in ones with separate iptables calls; the
+    // flushing restore would drop those jumps, so they are part of the full payload. Without
+    // them the kernel never walks the Services' chains when a rule is added (nf_tables
+    // validates the table from its base chains), and every change looked cheaper than
+    // kube-proxy's is.
+    out.push_str(KP_NAT_HOOKS);
     kp_services_chain(&mut out, services);
     out.push_str(&rules);
     out.push_str("COMMIT\n");
     out
 }
+
+/// The jumps from the built-in nat chains to kube-proxy's.
+const KP_NAT_HOOKS: &str = "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n";
 
 /// kube-proxy's partial sync after Service `i`'s endpoint 0 moved from `old` to the new
 /// address: the always-written chains plus the changed Service's chains, and the stale
@@ -529,7 +540,12 @@ fn main() -> Result<()> {
         eprintln!("{label}: kube-proxy-shaped baseline");
         let ns = Netns::new(format!("fbench-proxy-{}-{label}-kp", std::process::id()))?;
         let [bf, br, bc, bfl, brd, bru] = baseline(&args, tool, &ns.0)?;
-        drop(ns);
+        if args.keep {
+            eprintln!("{label}: keeping namespace {}", ns.0);
+            std::mem::forget(ns);
+        } else {
+            drop(ns);
+        }
         for (m, (t, b)) in [
             (&mut full, bf),
             (&mut resync, br),
