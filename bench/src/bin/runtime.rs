@@ -84,6 +84,51 @@ impl Drop for BenchCgroup {
     }
 }
 
+/// The kernel's part of putting a container's first process into its cgroups, which no
+/// runtime avoids on cgroup v1: a fresh process is moved into a new cgroup of every
+/// hierarchy, one `cgroup.procs` write each, after the machine was quiet for a moment (the
+/// first move takes the cgroup threadgroup lock for writing, which waits for an RCU grace
+/// period; moves right after it are cheap). Median of `rounds`, in ms. A pod start moves two
+/// processes this way: the pause process and the container's.
+fn cgroup_move_floor(bench: &BenchCgroup, rounds: usize) -> Result<f64> {
+    let mut took = Vec::new();
+    for round in 0..rounds {
+        let name = format!("floor-{round}");
+        let dirs: Vec<PathBuf> = HIERARCHIES
+            .iter()
+            .map(|h| {
+                Path::new("/sys/fs/cgroup")
+                    .join(h)
+                    .join(&bench.name)
+                    .join(&name)
+            })
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            if d.starts_with("/sys/fs/cgroup/cpuset") {
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let parent = d.parent().context("cpuset parent")?;
+                    std::fs::write(d.join(f), std::fs::read(parent.join(f))?)?;
+                }
+            }
+        }
+        let mut child = Command::new("sleep").arg("30").spawn()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        let moved = dirs.iter().try_for_each(|d| move_into(d, child.id()));
+        let elapsed = t.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        for d in &dirs {
+            remove_cgroup_tree(d);
+        }
+        moved?;
+        took.push(elapsed.as_secs_f64() * 1000.0);
+    }
+    took.sort_by(f64::total_cmp);
+    Ok(took[took.len() / 2])
+}
+
 fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -592,6 +637,7 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
         }
     }
     let load_after = loadavg();
+    let move_floor = cgroup_move_floor(&cgroup, 15)?;
 
     let n = args.running as f64;
     let mut report = serde_json::Map::new();
@@ -604,7 +650,12 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
         "| op | ferrolet-shim p50 | ferrolet-shim p99 | containerd p50 | containerd p99 | speedup p50 | speedup p99 |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let mut figures = Vec::new();
+    let mut figures = vec![Figure::alone(
+        "kernel floor: one process moved into new cgroups (v1, all hierarchies); a pod start moves two",
+        "ms",
+        move_floor,
+        Better::Lower,
+    )];
     let peer = "containerd 1.6 + runc";
     for (op, samples) in [("start", &start), ("teardown", &stop)] {
         let wall = |v: &[Sample]| stats(&v.iter().map(|x| x.wall).collect::<Vec<_>>());
@@ -725,6 +776,11 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
         )
         .target("< 1 MB", busy[0].pss_kib as f64 / n < 1000.0),
     );
+    println!(
+        "\nkernel floor: a fresh process moved into new cgroups of every v1 hierarchy takes \
+         {move_floor:.2} ms (median of 15); a pod start moves two (pause and container)"
+    );
+    report.insert("cgroup_move_floor_ms".into(), json!(move_floor));
     println!("\nload average: {load_before} before the timed phase, {load_after} at the end");
     report.insert(
         "benchmark".into(),
