@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+pub mod procfs;
+
 use serde::{Deserialize, Serialize};
 
 /// Which direction of a figure is good.

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use ferrolet_bench::procfs::{loadavg, process_cpu, status_kib};
 use ferrolet_bench::{Better, Figure};
 use ferrolet_control_plane::controllers::client::{
     ClusterClient, DeleteOptions, ResourceType, WatchEvent,
@@ -208,7 +209,7 @@ impl Node {
     }
 
     fn rss_mib(&self) -> f64 {
-        rss_kib(self.agent_pid) as f64 / 1024.0
+        status_kib(self.agent_pid, "VmRSS:") as f64 / 1024.0
     }
 }
 
@@ -231,39 +232,6 @@ fn web_pod(name: &str, node: &str, probe_period: u32) -> Value {
             }],
         },
     })
-}
-
-/// `VmRSS` of a process in KiB, 0 when it is gone.
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// A KiB figure of a process's `/proc/<pid>/status`, 0 when it is gone.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, from /proc/<pid>/stat.
-fn cpu_of(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command (which may hold spaces) start after the last ')'; utime
-    // and stime are the 14th and 15th of the line, the 12th and 13th after it.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / hz)
 }
 
 /// Nearest-rank percentile of milliseconds.
@@ -400,12 +368,13 @@ async fn run(args: &Args, nodes: &mut [Node; 2]) -> Result<[Results; 2]> {
     }
 
     // Both nodes with their burst running and nothing to start: the agent's steady cost.
-    let before: Vec<Duration> = nodes.iter().map(|n| cpu_of(n.agent_pid)).collect();
+    let before: Vec<Duration> = nodes.iter().map(|n| process_cpu(n.agent_pid)).collect();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let wall = t0.elapsed().as_secs_f64();
     for ((node, r), b) in nodes.iter().zip(&mut results).zip(before) {
-        r.cpu_idle_pods_pct = cpu_of(node.agent_pid).saturating_sub(b).as_secs_f64() / wall * 100.0;
+        r.cpu_idle_pods_pct =
+            process_cpu(node.agent_pid).saturating_sub(b).as_secs_f64() / wall * 100.0;
         r.rss_burst_mib = node.rss_mib();
         r.rss_peak_mib = status_kib(node.agent_pid, "VmHWM:") as f64 / 1024.0;
     }
@@ -415,15 +384,6 @@ async fn run(args: &Args, nodes: &mut [Node; 2]) -> Result<[Results; 2]> {
         }
     }
     Ok(results)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn report(args: &Args, r: &[Results; 2], load_before: &str, load_after: &str) -> Result<()> {

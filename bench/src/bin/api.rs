@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use ferrolet_bench::procfs::{process_cpu, status_kib};
 use ferrolet_bench::{Better, Figure};
 use ferrolet_control_plane::storage::testing::EtcdServer;
 use futures::StreamExt;
@@ -213,42 +214,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// User + system CPU time a process has used so far, from /proc/<pid>/stat.
-fn cpu_time(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // The command name may hold spaces; fields are counted after its closing parenthesis.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
-    let total = ticks(11) + ticks(12);
-    // SAFETY: sysconf only reads a system constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Duration::from_secs_f64(total as f64 / hz.max(1) as f64)
-}
-
-/// A field of /proc/<pid>/status in kB (VmRSS, VmHWM).
-fn status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The pid of the etcd serving `data_dir`, found by its command line.
 fn etcd_pid(data_dir: &Path) -> Option<u32> {
     let needle = data_dir.to_string_lossy().into_owned();
@@ -355,29 +320,29 @@ async fn run(
 ) -> Result<Report> {
     let server = Arc::new(Server::start(binary, store_args, &args.server_args).await?);
     let pid = server.pid();
-    let store_cpu = || store_pid.map_or(Duration::ZERO, cpu_time);
+    let store_cpu = || store_pid.map_or(Duration::ZERO, process_cpu);
     let mut report = Report::default();
 
-    let (cpu0, store0) = (cpu_time(pid), store_cpu());
+    let (cpu0, store0) = (process_cpu(pid), store_cpu());
     let started = Instant::now();
     create_pods(&server, args).await?;
     report.create_wall = started.elapsed();
     report.creates_per_sec = args.pods as f64 / report.create_wall.as_secs_f64();
-    report.create_server_cpu = cpu_time(pid).saturating_sub(cpu0);
+    report.create_server_cpu = process_cpu(pid).saturating_sub(cpu0);
     report.create_store_cpu = store_cpu().saturating_sub(store0);
 
-    let cpu0 = cpu_time(pid);
+    let cpu0 = process_cpu(pid);
     let mut lists = Vec::new();
     for _ in 0..args.lists.max(1) {
         let (took, bytes) = list_pods(&server, args.pods).await?;
         lists.push(took);
         report.list_bytes = bytes;
     }
-    report.list_server_cpu_each = cpu_time(pid).saturating_sub(cpu0) / lists.len() as u32;
+    report.list_server_cpu_each = process_cpu(pid).saturating_sub(cpu0) / lists.len() as u32;
     lists.sort();
     report.list_median = lists[lists.len() / 2];
     report.list_min = lists[0];
-    report.rss_kb = status_kb(pid, "VmRSS:");
+    report.rss_kb = status_kib(pid, "VmRSS:");
 
     // Watch delivery, in a namespace of its own so watchers see only the timed writes.
     server
@@ -409,7 +374,7 @@ async fn run(
         }
         watchers.push(tokio::spawn(watch(resp, args.watched_writes)));
     }
-    let cpu0 = cpu_time(pid);
+    let cpu0 = process_cpu(pid);
     let mut times = HashMap::new();
     for i in 0..args.watched_writes {
         let name = format!("watched-{i:05}");
@@ -431,7 +396,7 @@ async fn run(
             from_sent.push(at.saturating_duration_since(*sent));
         }
     }
-    report.watch_server_cpu = cpu_time(pid).saturating_sub(cpu0);
+    report.watch_server_cpu = process_cpu(pid).saturating_sub(cpu0);
     from_ack.sort();
     from_sent.sort();
     report.watch_events = from_ack.len();
@@ -439,7 +404,7 @@ async fn run(
     report.watch_ack_p99 = percentile(&from_ack, 0.99);
     report.watch_sent_p50 = percentile(&from_sent, 0.50);
     report.watch_sent_p99 = percentile(&from_sent, 0.99);
-    report.hwm_kb = status_kb(pid, "VmHWM:");
+    report.hwm_kb = status_kib(pid, "VmHWM:");
     Ok(report)
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use ferrolet_bench::procfs::loadavg;
 use ferrolet_bench::{Better, Figure};
 use serde_json::{Value, json};
 
@@ -484,12 +485,6 @@ fn stats(samples: &[Duration]) -> Stats {
         p99: rank(99.0),
         mean: ms.iter().sum::<f64>() / ms.len() as f64,
     }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// What one row of the report measures.

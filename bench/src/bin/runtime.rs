@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
+use ferrolet_bench::procfs::loadavg;
 use ferrolet_bench::{Better, Figure};
 use ferrolet_cri::v1;
 use ferrolet_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -489,15 +490,6 @@ fn stats(samples: &[Duration]) -> Stats {
         p99: rank(99.0),
         mean: ms.iter().sum::<f64>() / ms.len() as f64,
     }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Port of pod `i` of runtime `r` in phase `phase`: distinct for everything running at once.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use ferrolet_bench::procfs::process_cpu;
 use ferrolet_bench::{Better, Figure};
 use ferrolet_control_plane::controllers::client::{ClusterClient, ResourceType, WatchEvent};
 use ferrolet_control_plane::controllers::http::HttpClient;
@@ -111,26 +112,6 @@ async fn start(binary: &Path, extra: &[String]) -> Result<Server> {
         _dir: dir,
         client: Arc::new(client),
     })
-}
-
-/// utime + stime of a process, from /proc/<pid>/stat.
-fn cpu_of(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / hz)
 }
 
 fn own_cpu() -> Duration {
@@ -260,7 +241,7 @@ async fn main() -> Result<()> {
         Ok(Instant::now())
     });
 
-    let cpu_before = cpu_of(pid);
+    let cpu_before = process_cpu(pid);
     let own_before = own_cpu();
     let started = Instant::now();
     create_all(
@@ -277,7 +258,7 @@ async fn main() -> Result<()> {
         .await
         .context("timed out waiting for every pod to be bound")???;
     let wall = all_bound_at - started;
-    let server_cpu = cpu_of(pid).saturating_sub(cpu_before);
+    let server_cpu = process_cpu(pid).saturating_sub(cpu_before);
     let bench_cpu = own_cpu().saturating_sub(own_before);
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
