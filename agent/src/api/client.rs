@@ -131,6 +131,20 @@ impl Client {
         }
         Err(status_error(method, path, status.as_u16(), &body))
     }
+
+    /// POSTs `body` to `path` and decodes the answer.
+    async fn post<B: serde::Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ApiError> {
+        let req = self
+            .request(reqwest::Method::POST, path)
+            .json(body)
+            .timeout(REQUEST_TIMEOUT);
+        let answer = self.send("POST", path, req).await?;
+        decode(path, &answer)
+    }
 }
 
 fn status_error(method: &'static str, path: &str, code: u16, body: &[u8]) -> ApiError {
@@ -348,13 +362,7 @@ impl Api for Client {
         namespace: Option<&str>,
         object: &K,
     ) -> Result<K, ApiError> {
-        let path = collection_path::<K>(namespace);
-        let req = self
-            .request(reqwest::Method::POST, &path)
-            .json(object)
-            .timeout(REQUEST_TIMEOUT);
-        let body = self.send("POST", &path, req).await?;
-        decode(&path, &body)
+        self.post(&collection_path::<K>(namespace), object).await
     }
 
     async fn create_subresource<K: ApiResource, B: ApiResource>(
@@ -365,12 +373,7 @@ impl Api for Client {
         body: &B,
     ) -> Result<B, ApiError> {
         let path = format!("{}/{name}/{subresource}", collection_path::<K>(namespace));
-        let req = self
-            .request(reqwest::Method::POST, &path)
-            .json(body)
-            .timeout(REQUEST_TIMEOUT);
-        let body = self.send("POST", &path, req).await?;
-        decode(&path, &body)
+        self.post(&path, body).await
     }
 
     async fn patch<K: ApiResource>(
