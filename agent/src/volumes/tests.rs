@@ -738,6 +738,16 @@ fn with_root_ca(api: &FakeApi) {
     );
 }
 
+/// What the fake API server answers to `account`'s TokenRequests.
+fn answer_tokens(api: &FakeApi, account: &str, token: &str) {
+    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        Some("ns"),
+        account,
+        "token",
+        serde_json::json!({"status": {"token": token}}),
+    );
+}
+
 fn service_account(api: &FakeApi, name: &str) {
     api.insert(
         Some("ns"),
@@ -761,12 +771,7 @@ async fn the_kube_api_access_volume_gets_a_private_token_the_ca_and_the_namespac
     with_root_ca(&api);
     service_account(&api, "robot");
     let first = jwt(now_secs(), now_secs() + 3607);
-    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
-        Some("ns"),
-        "robot",
-        "token",
-        serde_json::json!({"status": {"token": first}}),
-    );
+    answer_tokens(&api, "robot", &first);
     let p = pod_json(serde_json::json!({
         "serviceAccountName": "robot",
         "containers": [{"name": "app"}],
@@ -810,12 +815,7 @@ async fn the_kube_api_access_volume_gets_a_private_token_the_ca_and_the_namespac
     )
     .expect("age the token");
     let second = jwt(now_secs(), now_secs() + 3600);
-    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
-        Some("ns"),
-        "robot",
-        "token",
-        serde_json::json!({"status": {"token": second}}),
-    );
+    answer_tokens(&api, "robot", &second);
     prepare(&api, &mounter, &p, &pod_dir)
         .await
         .expect("refresh");
@@ -867,12 +867,7 @@ async fn a_missing_service_account_or_a_short_lifetime_writes_nothing() {
         "containers": [{"name": "app"}],
         "volumes": [kube_api_access(serde_json::json!({"path": "token", "audience": "vault"}), None)],
     }));
-    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
-        Some("ns"),
-        "default",
-        "token",
-        serde_json::json!({"status": {"token": jwt(now_secs(), now_secs() + 3600)}}),
-    );
+    answer_tokens(&api, "default", &jwt(now_secs(), now_secs() + 3600));
     prepare(&api, &mounter, &p, &pod_dir)
         .await
         .expect("default account");
@@ -902,12 +897,7 @@ async fn a_missing_service_account_or_a_short_lifetime_writes_nothing() {
         "short lifetimes reached the API"
     );
     // A server answering without a token is an error, not an empty file.
-    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
-        Some("ns"),
-        "default",
-        "token",
-        serde_json::json!({"status": {"token": ""}}),
-    );
+    answer_tokens(&api, "default", "");
     let err = prepare(&api, &mounter, &p, &dir.path().join("empty"))
         .await
         .expect_err("empty token")
@@ -922,12 +912,7 @@ async fn a_failed_refresh_keeps_a_token_that_still_holds_and_fails_once_it_expir
     let mounter = FakeMounter::default();
     with_root_ca(&api);
     service_account(&api, "default");
-    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
-        Some("ns"),
-        "default",
-        "token",
-        serde_json::json!({"status": {"token": jwt(now_secs(), now_secs() + 3600)}}),
-    );
+    answer_tokens(&api, "default", &jwt(now_secs(), now_secs() + 3600));
     let p = pod_json(serde_json::json!({
         "containers": [{"name": "app"}],
         "volumes": [kube_api_access(serde_json::json!({"path": "token"}), None)],
@@ -1024,12 +1009,7 @@ async fn a_non_root_pod_owns_its_token_file() {
     let mounter = FakeMounter::default();
     with_root_ca(&api);
     service_account(&api, "default");
-    api.set_reply::<k8s_openapi::api::core::v1::ServiceAccount>(
-        Some("ns"),
-        "default",
-        "token",
-        serde_json::json!({"status": {"token": jwt(now_secs(), now_secs() + 3600)}}),
-    );
+    answer_tokens(&api, "default", &jwt(now_secs(), now_secs() + 3600));
     let p = pod_json(serde_json::json!({
         "securityContext": {"runAsUser": uid},
         "containers": [{"name": "app"}],
