@@ -280,6 +280,21 @@ async fn status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> v1::Contain
     .unwrap()
 }
 
+/// ImageStatus of `name`: the image, or None when the store does not have it.
+async fn image_status(img: &mut ImageServiceClient<Channel>, name: &str) -> Option<v1::Image> {
+    img.image_status(v1::ImageStatusRequest {
+        image: Some(v1::ImageSpec {
+            image: name.into(),
+            ..Default::default()
+        }),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .image
+}
+
 async fn wait_state(
     rt: &mut RuntimeServiceClient<Channel>,
     id: &str,
@@ -661,18 +676,7 @@ async fn bad_inputs_get_specific_statuses_and_leave_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("metadata"), "{err}");
-    let st = img
-        .image_status(v1::ImageStatusRequest {
-            image: Some(v1::ImageSpec {
-                image: "missing:1".into(),
-                ..Default::default()
-            }),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(st.image.is_none());
+    assert!(image_status(&mut img, "missing:1").await.is_none());
 
     let pod = run_sandbox(&mut rt, sandbox_config(&s, "bad")).await;
     let err = create(
@@ -845,18 +849,8 @@ async fn images_are_pulled_from_a_registry_and_bad_pulls_leave_nothing() {
         .into_inner()
         .image_ref;
     assert_eq!(pulled, busybox.config_digest);
-    let st = img
-        .image_status(v1::ImageStatusRequest {
-            image: Some(v1::ImageSpec {
-                image: name.clone(),
-                ..Default::default()
-            }),
-            verbose: false,
-        })
+    let st = image_status(&mut img, &name)
         .await
-        .unwrap()
-        .into_inner()
-        .image
         .expect("pulled image is listed");
     assert!(st.repo_tags.contains(&name), "{st:?}");
     assert!(
@@ -937,24 +931,14 @@ async fn an_image_imported_while_the_shim_runs_is_seen_by_it() {
     let dir = s.tmp.path().join("later");
     std::fs::create_dir_all(&dir).unwrap();
     let pause = ferrolet_tests::images::pause_image(&dir).unwrap();
-    let status = async |img: &mut ImageServiceClient<Channel>| {
-        img.image_status(v1::ImageStatusRequest {
-            image: Some(v1::ImageSpec {
-                image: pause.name.clone(),
-                ..Default::default()
-            }),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-    };
-    assert!(status(&mut img).await.is_none(), "not imported yet");
+    assert!(
+        image_status(&mut img, &pause.name).await.is_none(),
+        "not imported yet"
+    );
 
     s.import(&pause.oci_archive);
 
-    let found = status(&mut img)
+    let found = image_status(&mut img, &pause.name)
         .await
         .expect("the running shim sees the import");
     assert!(found.repo_tags.contains(&pause.name), "{found:?}");
