@@ -74,6 +74,35 @@ fn run_web_pod(cluster: &mut Cluster, greeting: &str) -> (Value, String, Ipv4Add
     (pod, uid, ip)
 }
 
+/// The web pod at `ip` answers with `greeting` (httpd may start a moment after the
+/// container is reported running).
+fn assert_serves(ip: Ipv4Addr, greeting: &str) {
+    let addr = SocketAddr::from((ip, 8080));
+    let mut answer = None;
+    let served = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        answer = http_get(addr, "/index.html").ok();
+        answer.as_ref().is_some_and(|(code, _)| *code == 200)
+    });
+    assert!(served, "no HTTP 200 from {addr}: {answer:?}");
+    assert_eq!(answer.unwrap_or_default().1.trim(), greeting);
+}
+
+/// Deletes the web pod and checks its sandboxes went with it: the agent's final delete
+/// comes after teardown, so nothing is left once the pod is gone from the API.
+fn delete_web_pod(cluster: &mut Cluster, uid: &str) {
+    cluster
+        .kubectl_ok(&["delete", "pod", "web", "--wait=false"])
+        .expect("delete pod");
+    cluster
+        .wait_pod_gone("default", "web", Duration::from_secs(60))
+        .expect("pod gone from the API");
+    assert!(
+        sandboxes_of(&cluster.cri_socket, uid).is_empty(),
+        "sandbox left after delete\n{}",
+        cluster.logs()
+    );
+}
+
 fn sandboxes_of(socket: &Path, uid: &str) -> Vec<v1::PodSandbox> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -122,29 +151,8 @@ fn pod_runs_serves_on_its_ip_and_is_torn_down_on_delete() {
     let sandboxes = sandboxes_of(&cluster.cri_socket, &uid);
     assert_eq!(sandboxes.len(), 1, "{sandboxes:?}");
 
-    // httpd may start a moment after the container is reported running.
-    let addr = SocketAddr::from((ip, 8080));
-    let mut answer = None;
-    let served = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
-        answer = http_get(addr, "/index.html").ok();
-        answer.as_ref().is_some_and(|(code, _)| *code == 200)
-    });
-    assert!(served, "no HTTP 200 from {addr}: {answer:?}");
-    let (_, body) = answer.unwrap_or_default();
-    assert_eq!(body.trim(), "hello-from-web");
-
-    cluster
-        .kubectl_ok(&["delete", "pod", "web", "--wait=false"])
-        .expect("delete pod");
-    cluster
-        .wait_pod_gone("default", "web", Duration::from_secs(60))
-        .expect("pod gone from the API");
-    // The final delete comes after teardown, so everything is gone by now.
-    assert!(
-        sandboxes_of(&cluster.cri_socket, &uid).is_empty(),
-        "sandbox left after delete\n{}",
-        cluster.logs()
-    );
+    assert_serves(ip, "hello-from-web");
+    delete_web_pod(&mut cluster, &uid);
     assert!(
         cluster.allocated_ips().is_empty(),
         "CNI DEL did not release the IP: {:?}",
@@ -155,6 +163,7 @@ fn pod_runs_serves_on_its_ip_and_is_torn_down_on_delete() {
         "veth left on the bridge: {:?}",
         cluster.network.bridge_ports()
     );
+    let addr = SocketAddr::from((ip, 8080));
     assert!(
         http_get(addr, "/index.html").is_err(),
         "{addr} still answers after the delete"
@@ -422,24 +431,6 @@ fn node_on_containerd_runs_a_pod_that_serves_on_its_ip() {
     let (_, uid, ip) = run_web_pod(&mut cluster, "hello-from-containerd");
     assert_eq!(sandboxes_of(&cluster.cri_socket, &uid).len(), 1);
 
-    let addr = SocketAddr::from((ip, 8080));
-    let mut answer = None;
-    let served = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
-        answer = http_get(addr, "/index.html").ok();
-        answer.as_ref().is_some_and(|(code, _)| *code == 200)
-    });
-    assert!(served, "no HTTP 200 from {addr}: {answer:?}");
-    assert_eq!(answer.unwrap_or_default().1.trim(), "hello-from-containerd");
-
-    cluster
-        .kubectl_ok(&["delete", "pod", "web", "--wait=false"])
-        .expect("delete pod");
-    cluster
-        .wait_pod_gone("default", "web", Duration::from_secs(60))
-        .expect("pod gone from the API");
-    assert!(
-        sandboxes_of(&cluster.cri_socket, &uid).is_empty(),
-        "sandbox left after delete\n{}",
-        cluster.logs()
-    );
+    assert_serves(ip, "hello-from-containerd");
+    delete_web_pod(&mut cluster, &uid);
 }
