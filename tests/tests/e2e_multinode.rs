@@ -28,6 +28,26 @@ const NS: &str = "default";
 const APP: &str = "app=web";
 const NODE_PORT: u16 = 30080;
 
+/// A busybox pod on `node` that runs `script` once (`restartPolicy: Never`): its phase and
+/// log say how it went.
+fn client_pod(name: &str, node: &str, script: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "nodeName": node,
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "client",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", script],
+            }],
+        },
+    })
+}
 fn deployment(replicas: u32) -> Value {
     json!({
         "apiVersion": "apps/v1",
@@ -228,25 +248,14 @@ fn pods_spread_and_reach_each_other(c: &mut MultiCluster) -> anyhow::Result<()> 
     // From a pod on node 0: wget retried for at most 20s inside the pod (`timeout`, since
     // busybox-static's `wget -T` crashes), then the pod's
     // phase and log tell the outcome.
-    c.create(&json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "client", "namespace": NS},
-        "spec": {
-            "nodeName": c.hosts[0].node_name,
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "client",
-                "image": BUSYBOX_IMAGE,
-                "imagePullPolicy": "Never",
-                "command": ["sh", "-c", format!(
-                    "for i in $(seq 20); do timeout 3 wget -q -O - http://{ip}:8080/ && exit 0; \
-                     sleep 1; done; exit 1"
-                )],
-            }],
-        },
-    }))?;
+    c.create(&client_pod(
+        "client",
+        &c.hosts[0].node_name,
+        &format!(
+            "for i in $(seq 20); do timeout 3 wget -q -O - http://{ip}:8080/ && exit 0; \
+             sleep 1; done; exit 1"
+        ),
+    ))?;
     let phase = || -> anyhow::Result<Value> {
         let pod = c.kubectl_ok(&["get", "pod", "-n", NS, "client", "-o", "json"])?;
         Ok(serde_json::from_str::<Value>(&pod)?["status"]["phase"].clone())
@@ -334,22 +343,11 @@ fn service_answers_everywhere(c: &mut MultiCluster) -> anyhow::Result<()> {
         })
         .collect::<String>();
     for i in 0..c.hosts.len() {
-        c.create(&json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": format!("svc-client-{i}"), "namespace": NS},
-            "spec": {
-                "nodeName": c.hosts[i].node_name,
-                "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 1,
-                "containers": [{
-                    "name": "client",
-                    "image": BUSYBOX_IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["sh", "-c", script],
-                }],
-            },
-        }))?;
+        c.create(&client_pod(
+            &format!("svc-client-{i}"),
+            &c.hosts[i].node_name,
+            &script,
+        ))?;
     }
     for i in 0..c.hosts.len() {
         let name = format!("svc-client-{i}");
