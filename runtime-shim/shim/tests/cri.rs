@@ -438,6 +438,26 @@ async fn pod_and_container_lifecycle_over_cri() {
     assert_eq!(out.exit_code, 3);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "host-web\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    // The command runs in the container's own cgroup of every controller the shim uses.
+    let out = rt
+        .exec_sync(v1::ExecSyncRequest {
+            container_id: c.clone(),
+            cmd: vec!["cat".into(), "/proc/self/cgroup".into()],
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cgroups = String::from_utf8_lossy(&out.stdout);
+    for controller in [
+        "cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer",
+    ] {
+        let line = cgroups
+            .lines()
+            .find(|l| l.split(':').nth(1) == Some(controller))
+            .unwrap_or_else(|| panic!("no {controller} line in {cgroups}"));
+        assert!(line.ends_with(&format!("/{c}")), "{line}");
+    }
     let err = rt
         .exec_sync(v1::ExecSyncRequest {
             container_id: c.clone(),

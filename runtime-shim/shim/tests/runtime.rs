@@ -51,8 +51,27 @@ fn busybox_runs_isolated_with_limits_logs_and_exit_code() {
     assert_eq!(pids_max.trim(), "64");
     let shares = std::fs::read_to_string(f.v1_cgroup_file("cpu", id, "cpu.shares")).unwrap();
     assert_eq!(shares.trim(), "512");
-    let procs = std::fs::read_to_string(f.v1_cgroup_file("memory", id, "cgroup.procs")).unwrap();
-    assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
+    // The container's process is in its cgroup of every controller; its monitor is not.
+    let monitor = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .rsplit(") ")
+        .next()
+        .and_then(|rest| rest.split(' ').nth(1).map(str::to_string))
+        .unwrap();
+    for controller in [
+        "cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer",
+    ] {
+        let procs =
+            std::fs::read_to_string(f.v1_cgroup_file(controller, id, "cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "{controller}: {procs}"
+        );
+        assert!(
+            !procs.lines().any(|l| l == monitor),
+            "{controller}: {procs}"
+        );
+    }
 
     wait_for(10, "log lines", || f.log(id).lines().count() >= 4);
     let log = f.log(id);
@@ -399,4 +418,50 @@ fn a_bind_mount_is_visible_read_only() {
     let out: Vec<String> = f.log(id).lines().map(parse_record).map(|r| r.3).collect();
     assert_eq!(out, vec!["from host", "ro-ok"]);
     assert!(!src.join("x").exists());
+}
+
+/// The fast way into a cgroup v1: a freshly forked process writes `0` to each controller's
+/// `tasks` file itself. It must land in every controller, and a cgroup that is not there
+/// must fail with its path named before anything is forked.
+#[test]
+fn a_fresh_process_moves_itself_into_every_v1_controller() {
+    use ferrolet_shim::cgroups::{Cgroups, CgroupsV1, Resources};
+    use std::os::unix::process::CommandExt;
+
+    let f = Fixture::new();
+    let cg = CgroupsV1::new();
+    let path = f.cgroup_path("self-join");
+    cg.create(&path, &Resources::default()).unwrap();
+    let join = cg
+        .self_join(&path)
+        .unwrap()
+        .expect("cgroup v1 offers self-join");
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("600");
+    // SAFETY: `join` only writes to files opened before the fork; it allocates only to
+    // describe an error.
+    unsafe {
+        cmd.pre_exec(move || join.join().map_err(std::io::Error::other));
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id().to_string();
+    for controller in [
+        "cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer",
+    ] {
+        let procs =
+            std::fs::read_to_string(f.v1_cgroup_file(controller, "self-join", "cgroup.procs"))
+                .unwrap();
+        assert!(procs.lines().any(|l| l == pid), "{controller}: {procs}");
+    }
+    assert_eq!(cg.processes(&path).unwrap(), [child.id()]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    cg.remove(&path).unwrap();
+
+    let missing = f.cgroup_path("never-created");
+    let err = cg.self_join(&missing).unwrap_err().to_string();
+    assert!(
+        err.contains("never-created") && err.contains("tasks"),
+        "{err}"
+    );
 }

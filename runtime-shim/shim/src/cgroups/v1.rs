@@ -15,7 +15,7 @@ use cgroups_rs::fs::{Hierarchy, Subsystem};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use super::{CgroupError, Cgroups, Resources, Stats, drain, validate_path};
+use super::{CgroupError, Cgroups, Resources, SelfJoin, Stats, drain, validate_path};
 
 /// The controllers a container cgroup is created in. `devices` and `freezer` are included so
 /// that every process of a container can be found (and frozen) from one place later.
@@ -184,6 +184,17 @@ impl Cgroups for CgroupsV1 {
         Self::load(path)?
             .add_task_by_tgid(CgroupPid::from(u64::from(pid)))
             .map_err(v1_err(path, "add process"))
+    }
+
+    /// Each controller's `tasks` file: a write of `0` there moves only the writing thread.
+    fn self_join(&self, path: &str) -> Result<Option<SelfJoin>, CgroupError> {
+        let cg = Self::load(path)?;
+        let files = cg
+            .subsystems()
+            .iter()
+            .map(|sub| sub.to_controller().path().join("tasks"))
+            .collect::<Vec<_>>();
+        SelfJoin::open(files).map(Some)
     }
 
     fn processes(&self, path: &str) -> Result<Vec<u32>, CgroupError> {

@@ -46,10 +46,15 @@ fn run(pid: u32, dir: &Path, args: &[String], tty: bool) -> Result<i32, String> 
         files.push((name, flag, f));
     }
     if let Some(cg) = &cfg.cgroup {
-        cg.driver
-            .open()
-            .add_process(&cg.path, std::process::id())
-            .map_err(|e| format!("join the container's cgroup: {e}"))?;
+        // This helper is single-threaded, so moving itself moves all of it, and the command
+        // forked below starts in the cgroup too.
+        let driver = cg.driver.open();
+        match driver.self_join(&cg.path) {
+            Ok(Some(join)) => join.join(),
+            Ok(None) => driver.add_process(&cg.path, std::process::id()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| format!("join the container's cgroup: {e}"))?;
     }
     for (name, flag, f) in &files {
         nix::sched::setns(f.as_fd(), *flag).map_err(|e| format!("enter {name} namespace: {e}"))?;

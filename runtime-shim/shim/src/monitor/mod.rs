@@ -265,6 +265,13 @@ impl Monitor {
         if let Some(p) = cfg.plan.namespaces.pid_join() {
             namespaces::enter(Kind::Pid, p)?;
         }
+        // The child moves itself into its cgroup when the hierarchy allows it: that skips a
+        // wait in the kernel that a move made from here pays (see `SelfJoin`).
+        let cgroups = cfg.cgroup.as_ref().map(|cg| cg.driver.open());
+        let self_join = match (&cgroups, &cfg.cgroup) {
+            (Some(driver), Some(cg)) => driver.self_join(&cg.path)?,
+            _ => None,
+        };
         let flags = cfg.plan.namespaces.clone_flags();
         // SAFETY: a raw clone without CLONE_VM behaves like fork: the child gets a copy of
         // this single-threaded process, so no lock can be held by a vanished thread.
@@ -289,7 +296,13 @@ impl Monitor {
             drop(sync_w);
             let mut byte = [0u8; 1];
             let go = std::fs::File::from(sync_r).read(&mut byte).unwrap_or(0);
-            if go == 1 {
+            let joined = match &self_join {
+                Some(j) if go == 1 => j.join().map_err(|e| format!("move into cgroup: {e}")),
+                _ => Ok(()),
+            };
+            if let Err(msg) = joined {
+                let _ = std::fs::File::from(fail_w).write_all(msg.as_bytes());
+            } else if go == 1 {
                 let fds = InitFds {
                     stdin: devnull.as_raw_fd(),
                     stdout: out_w.as_raw_fd(),
@@ -310,9 +323,10 @@ impl Monitor {
             let _ = waitpid(child, None);
             e
         };
-        if let Some(cg) = &cfg.cgroup {
-            cg.driver
-                .open()
+        let child_moves_itself = self_join.is_some();
+        drop(self_join);
+        if let (Some(driver), Some(cg), false) = (&cgroups, &cfg.cgroup, child_moves_itself) {
+            driver
                 .add_process(&cg.path, child.as_raw().unsigned_abs())
                 .map_err(|e| cleanup(e.into()))?;
         }
