@@ -68,6 +68,13 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         report_fd: i32,
     },
+    /// Internal: forks monitors on request from the shim (see `monitor::zygote`).
+    #[command(hide = true)]
+    Zygote {
+        /// Descriptor of the shim's socket.
+        #[arg(long)]
+        fd: i32,
+    },
     /// Starts a created container of a runtime root and stays in the foreground until it
     /// exits (a debugging aid, and the restart tests' stand-in for a serving shim).
     Start {
@@ -182,6 +189,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Monitor { dir, report_fd } => {
             std::process::exit(ferrolet_shim::monitor::main(&dir, report_fd));
+        }
+        Command::Zygote { fd } => {
+            std::process::exit(ferrolet_shim::monitor::zygote::main(fd));
         }
         Command::Start { root, id, hold } => {
             init_tracing();

@@ -465,3 +465,99 @@ fn a_fresh_process_moves_itself_into_every_v1_controller() {
         "{err}"
     );
 }
+
+/// Children of `parent` as (pid, state) from /proc.
+fn children_of(parent: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let mut fields = rest.split(' ');
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            out.push((pid, state));
+        }
+    }
+    out
+}
+
+/// Monitors are forked by one long-lived process per runtime. It leaves no zombies, a
+/// killed one is replaced on the next start (the container still starts), and it goes away
+/// with the runtime.
+#[test]
+fn the_monitor_zygote_reaps_is_replaced_when_killed_and_goes_with_the_runtime() {
+    let f = Fixture::new();
+    let rt = ferrolet_shim::container::Runtime::new(
+        f.tmp.path().join("zygote-state"),
+        env!("CARGO_BIN_EXE_ferrolet-shim"),
+        ferrolet_shim::cgroups::CgroupDriver::detect(),
+    )
+    .unwrap();
+    assert_eq!(
+        rt.zygote_pid(),
+        None,
+        "nothing is started before a container"
+    );
+    let start = |id: &str| {
+        let spec = f.spec(id, &["sleep", "600"]);
+        rt.create(f.config(id, spec)).unwrap();
+        let pid = rt.start(id).unwrap();
+        assert_eq!(rt.state(id).unwrap().status, Status::Running);
+        pid
+    };
+    start("zyg-a");
+    start("zyg-b");
+    let first = rt.zygote_pid().expect("a zygote after the first start");
+    wait_for(10, "the zygote to reap its short-lived children", || {
+        children_of(first).iter().all(|&(_, state)| state != 'Z')
+    });
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    start("zyg-c");
+    let second = rt.zygote_pid().expect("a new zygote");
+    assert_ne!(second, first);
+    assert!(
+        children_of(std::process::id())
+            .iter()
+            .all(|&(pid, _)| pid != first),
+        "the killed zygote was reaped"
+    );
+
+    for id in ["zyg-a", "zyg-b", "zyg-c"] {
+        rt.delete(id, true).unwrap();
+    }
+    drop(rt);
+    wait_for(10, "the zygote to exit with its runtime", || {
+        !std::path::Path::new(&format!("/proc/{second}")).exists()
+    });
+}
+
+/// A monitor that cannot read its instructions (here: a truncated `init.json`) reports why,
+/// and the start fails with that reason instead of hanging; nothing runs in the cgroup.
+#[test]
+fn a_corrupt_monitor_config_fails_the_start_with_its_reason() {
+    let f = Fixture::new();
+    let id = "badcfg";
+    f.rt.create(f.config(id, f.spec(id, &["sleep", "600"])))
+        .unwrap();
+    let cfg = f.rt.dir(id).join("init.json");
+    let data = std::fs::read(&cfg).unwrap();
+    std::fs::write(&cfg, &data[..data.len() / 2]).unwrap();
+    let err = f.rt.start(id).unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::Start { .. })
+            && err.to_string().contains("parse monitor config"),
+        "{err}"
+    );
+    let procs = std::fs::read_to_string(f.v1_cgroup_file("memory", id, "cgroup.procs")).unwrap();
+    assert!(procs.trim().is_empty(), "{procs}");
+    f.rt.delete(id, false).unwrap();
+    assert!(f.host_mounts().is_empty(), "{:?}", f.host_mounts());
+}

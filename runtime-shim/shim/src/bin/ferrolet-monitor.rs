@@ -12,6 +12,17 @@ use std::path::PathBuf;
 
 fn main() {
     let mut args = std::env::args_os().skip(1);
+    if std::env::args_os().nth(1).is_some_and(|a| a == "zygote") {
+        args.next();
+        let fd = match (args.next(), args.next()) {
+            (Some(flag), Some(v)) if flag == "--fd" => v.to_str().and_then(|v| v.parse().ok()),
+            _ => None,
+        };
+        let Some(fd) = fd else {
+            usage("zygote needs --fd N");
+        };
+        std::process::exit(ferrolet_shim::monitor::zygote::main(fd));
+    }
     let mut dir: Option<PathBuf> = None;
     let mut report_fd = 3;
     while let Some(arg) = args.next() {
@@ -32,6 +43,8 @@ fn main() {
 }
 
 fn usage(problem: &str) -> ! {
-    eprintln!("ferrolet-monitor: {problem}\nusage: ferrolet-monitor [monitor] DIR [--report-fd N]");
+    eprintln!(
+        "ferrolet-monitor: {problem}\nusage: ferrolet-monitor [monitor] DIR [--report-fd N]\n       ferrolet-monitor zygote --fd N"
+    );
     std::process::exit(2);
 }

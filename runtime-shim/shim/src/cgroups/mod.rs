@@ -218,6 +218,14 @@ impl CgroupDriver {
         }
     }
 
+    /// Does the one-time work of opening this hierarchy (finding the v1 mounts) now, in a
+    /// process whose forked children will open it many times.
+    pub fn prepare(&self) {
+        if *self == CgroupDriver::V1 {
+            v1::HostHierarchies::find();
+        }
+    }
+
     pub fn open(&self) -> Box<dyn Cgroups> {
         match self {
             CgroupDriver::V1 => Box::new(CgroupsV1::new()),

@@ -47,9 +47,14 @@ impl CgroupsV1 {
 /// running, loading it for each cgroup operation cost more than the operations themselves.
 /// Controllers are mounted at boot and stay where they are.
 #[derive(Debug, Clone)]
-struct HostHierarchies(Arc<V1>);
+pub(super) struct HostHierarchies(Arc<V1>);
 
 impl HostHierarchies {
+    /// Finds the hierarchies now, so that processes forked later inherit them.
+    pub(super) fn find() {
+        let _ = Self::get();
+    }
+
     fn get() -> HostHierarchies {
         static FOUND: OnceLock<Arc<V1>> = OnceLock::new();
         HostHierarchies(Arc::clone(FOUND.get_or_init(|| Arc::new(V1::new()))))

@@ -11,6 +11,7 @@ mod state;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -18,6 +19,7 @@ use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroups::{CgroupDriver, CgroupError, Resources, Stats};
+use crate::monitor::zygote::ZygoteSlot;
 use crate::monitor::{self, CgroupRef, ExitRecord, MonitorConfig, Report};
 use crate::mounts::{MountError, RootfsSource};
 pub use plan::{InitPlan, PlanError, UserLookup};
@@ -96,6 +98,8 @@ pub struct Runtime {
     root: PathBuf,
     monitor_exe: PathBuf,
     cgroups: CgroupDriver,
+    /// Forks monitors without an exec each; started on the first container start.
+    zygote: Arc<ZygoteSlot>,
 }
 
 /// Checks an id against the characters that are safe as a directory name.
@@ -156,11 +160,18 @@ impl Runtime {
             root,
             monitor_exe: monitor_exe.into(),
             cgroups,
+            zygote: Arc::default(),
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Pid of the process that forks this runtime's monitors, once the first container
+    /// started (for diagnostics and tests).
+    pub fn zygote_pid(&self) -> Option<u32> {
+        self.zygote.pid()
     }
 
     pub fn cgroup_driver(&self) -> &CgroupDriver {
@@ -318,13 +329,25 @@ impl Runtime {
     }
 
     fn spawn_monitor(&self, id: &str, dir: &Path) -> Result<Report, RuntimeError> {
-        use std::os::unix::process::CommandExt;
         let sys = |op| {
             let id = id.to_string();
             move |source| RuntimeError::Sys { id, op, source }
         };
         let (read_end, write_end) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+        match self.zygote.start(&self.monitor_exe, dir, &write_end) {
+            Ok(()) => drop(write_end),
+            Err(e) => {
+                tracing::warn!(container = id, "{e}; starting the monitor by exec");
+                self.exec_monitor(id, dir, write_end)?;
+            }
+        }
+        self.read_report(id, dir, read_end)
+    }
+
+    /// Starts a monitor the slow way, as a new process of `monitor_exe`.
+    fn exec_monitor(&self, id: &str, dir: &Path, write_end: OwnedFd) -> Result<(), RuntimeError> {
+        use std::os::unix::process::CommandExt;
         let log_path = dir.join("monitor.log");
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -358,6 +381,16 @@ impl Runtime {
         drop(write_end);
         // The first monitor process exits at once after forking the long-lived one.
         let _ = child.wait();
+        Ok(())
+    }
+
+    /// Reads the monitor's report until the pipe closes (within 60 s).
+    fn read_report(&self, id: &str, dir: &Path, read_end: OwnedFd) -> Result<Report, RuntimeError> {
+        let sys = |op| {
+            let id = id.to_string();
+            move |source| RuntimeError::Sys { id, op, source }
+        };
+        let log_path = dir.join("monitor.log");
         let mut text = String::new();
         let mut f = std::fs::File::from(read_end);
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -6,6 +6,8 @@
 //! and its exit is recorded when the shim is killed or restarted. The monitor is
 //! single-threaded and does no async work, which keeps it small and makes `clone` safe.
 
+pub mod zygote;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -176,7 +178,7 @@ pub fn main(dir: &Path, report_fd: RawFd) -> i32 {
         }
     }
     let _ = nix::unistd::setsid();
-    match Monitor::start(dir, &cfg) {
+    match Monitor::start(&cfg) {
         Ok(mut m) => {
             let r = Report::Started {
                 pid: m.child.as_raw().unsigned_abs(),
@@ -234,7 +236,7 @@ struct Monitor {
 
 impl Monitor {
     /// Creates the container's process and waits until it has exec'd its program.
-    fn start(dir: &Path, cfg: &MonitorConfig) -> Result<Monitor, MonitorError> {
+    fn start(cfg: &MonitorConfig) -> Result<Monitor, MonitorError> {
         let mut mask = SigSet::empty();
         for s in [
             Signal::SIGCHLD,
@@ -344,11 +346,6 @@ impl Monitor {
             let _ = waitpid(child, None);
             return Err(MonitorError::Init(msg));
         }
-        let _ = write_atomic(
-            dir,
-            "monitor.pid",
-            std::process::id().to_string().as_bytes(),
-        );
         Ok(Monitor {
             child,
             out: Some(out_r),
