@@ -416,3 +416,61 @@ fn kubectl_scales_statefulsets_and_validates_fields_strictly() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("datta"));
 }
+
+/// ServiceAccount admission: a new pod gets a projected token volume mounted read-only where
+/// in-cluster clients look, unless the pod or its account opts out or the pod mounts
+/// something there itself.
+#[test]
+fn new_pods_get_their_service_account_token_mounted_unless_they_opt_out() {
+    let cp = ControlPlane::start();
+    let path = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let manifests = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: sa}}\n---\n\
+apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: quiet, namespace: sa}}\nautomountServiceAccountToken: false\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {{name: plain, namespace: sa}}\nspec:\n  initContainers: [{{name: init, image: busybox}}]\n  containers: [{{name: a, image: busybox}}, {{name: b, image: busybox}}]\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {{name: optout, namespace: sa}}\nspec:\n  automountServiceAccountToken: false\n  containers: [{{name: a, image: busybox}}]\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {{name: quietaccount, namespace: sa}}\nspec:\n  serviceAccountName: quiet\n  containers: [{{name: a, image: busybox}}]\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {{name: own, namespace: sa}}\nspec:\n  containers:\n  - name: a\n    image: busybox\n    volumeMounts: [{{name: mine, mountPath: {path}}}]\n  volumes: [{{name: mine, emptyDir: {{}}}}]\n"
+    );
+    cp.kubectl_with(&["apply", "-f", "-"], Some(&manifests), &[]);
+
+    let plain = cp.kubectl_json(&["-n", "sa", "get", "pod", "plain"]);
+    let volumes = plain["spec"]["volumes"].as_array().expect("volumes");
+    assert_eq!(volumes.len(), 1, "{plain}");
+    let name = volumes[0]["name"].as_str().unwrap();
+    assert!(name.starts_with("kube-api-access-"), "{name}");
+    let sources = &volumes[0]["projected"]["sources"];
+    assert_eq!(sources[0]["serviceAccountToken"]["path"], "token");
+    assert_eq!(sources[1]["configMap"]["name"], "kube-root-ca.crt");
+    assert_eq!(
+        sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    for c in ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| plain["spec"][k].as_array().unwrap())
+    {
+        assert_eq!(
+            c["volumeMounts"],
+            json!([{"name": name, "mountPath": path, "readOnly": true}]),
+            "{c}"
+        );
+    }
+    assert_eq!(plain["spec"]["serviceAccountName"], "default");
+
+    for opted_out in ["optout", "quietaccount"] {
+        let pod = cp.kubectl_json(&["-n", "sa", "get", "pod", opted_out]);
+        assert!(pod["spec"]["volumes"].is_null(), "{pod}");
+        assert!(
+            pod["spec"]["containers"][0]["volumeMounts"].is_null(),
+            "{pod}"
+        );
+    }
+    let own = cp.kubectl_json(&["-n", "sa", "get", "pod", "own"]);
+    assert_eq!(
+        own["spec"]["volumes"].as_array().map(Vec::len),
+        Some(1),
+        "{own}"
+    );
+    assert_eq!(own["spec"]["volumes"][0]["name"], "mine");
+}

@@ -607,6 +607,17 @@ fn a_pod_reads_its_service_account_token_and_namespace_and_the_token_authenticat
     cluster
         .create(&pod("no-account", &node, 1, orphan_spec))
         .expect("pod of a missing account");
+    // A pod that lists no volume gets the same one from ServiceAccount admission.
+    let auto = busybox(
+        "app",
+        &format!(
+            "echo \"auto-ns=$(cat {dir}/namespace)\"; echo \"auto-ca=$(grep -c CERTIFICATE {dir}/ca.crt)\"; \
+             echo \"auto-token=$(cut -c1-2 {dir}/token)\"; exec sleep 3600"
+        ),
+    );
+    cluster
+        .create(&pod("auto-token", &node, 1, json!({"containers": [auto]})))
+        .expect("pod with an admitted token volume");
 
     let logs = wait_logs(
         &mut cluster,
@@ -619,6 +630,16 @@ fn a_pod_reads_its_service_account_token_and_namespace_and_the_token_authenticat
     assert!(logs.contains("ns=default\n"), "{logs}");
     assert!(logs.contains("mode=600\n"), "{logs}");
     assert!(logs.contains("mem=64\n"), "{logs}");
+    let auto_logs = wait_logs(
+        &mut cluster,
+        "auto-token",
+        Duration::from_secs(20),
+        "reading its admitted token",
+        |l| l.contains("auto-token="),
+    );
+    assert!(auto_logs.contains("auto-ns=default\n"), "{auto_logs}");
+    assert!(auto_logs.contains("auto-token=ey\n"), "{auto_logs}");
+    assert!(!auto_logs.contains("auto-ca=0\n"), "{auto_logs}");
     let token = logs
         .lines()
         .find_map(|l| l.strip_prefix("token="))

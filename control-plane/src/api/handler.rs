@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::admission;
 use super::allocator::{AllocError, Allocator};
 use super::decode::{self, FieldValidation};
 use super::error::{ApiError, FieldError};
@@ -760,6 +761,28 @@ impl Api {
         Ok(())
     }
 
+    /// ServiceAccount admission of a new pod: mounts its account's token (see
+    /// [`admission`]). A missing account is no error here; the node holds such a pod until
+    /// the account exists.
+    async fn admit_pod(&self, ns: &str, pod: &mut Value) -> Result<(), ApiError> {
+        if admission::pod_opts_out(pod) {
+            return Ok(());
+        }
+        let sar = registry::by_kind(Kind::ServiceAccount);
+        let account_name = admission::service_account_name(pod).to_owned();
+        let account = match self
+            .store
+            .get(&sar.key(Some(ns), &account_name))
+            .await
+            .map_err(store_err(sar, &account_name))?
+        {
+            Some(kv) => Some(render(sar, &kv)?),
+            None => None,
+        };
+        admission::mount_service_account_token(pod, account.as_ref(), &object::random_suffix());
+        Ok(())
+    }
+
     fn check(&self, r: &Resource, obj: &Value, old: Option<&Value>) -> Result<(), ApiError> {
         let mut errs = validation::validate(r.kind, obj);
         if let Some(old) = old {
@@ -830,6 +853,11 @@ impl Api {
             metadata_mut(&mut obj).insert("generation".into(), json!(1));
         }
         validation::default(r.kind, &mut obj);
+        if r.kind == Kind::Pod
+            && let Some(ns) = ns
+        {
+            self.admit_pod(ns, &mut obj).await?;
+        }
         self.check(r, &obj, None)?;
         let name = object::name(&obj).to_owned();
         self.check_namespace(r, ns, &name).await?;

@@ -1,5 +1,6 @@
 //! The Kubernetes REST API: discovery, resources, watch, validation and defaulting.
 
+pub mod admission;
 pub mod allocator;
 pub mod decode;
 pub mod discovery;
