@@ -32,18 +32,27 @@ pub struct Containerd {
     pub root: PathBuf,
     /// Where the daemon's own log goes; printed when start fails.
     pub log: PathBuf,
+    /// containerd's `state` directory, when it is not under `root`.
+    state: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Containerd {
     /// Starts containerd and waits until its API answers.
     pub fn start() -> anyhow::Result<Containerd> {
+        Containerd::start_with_state(None)
+    }
+
+    /// Like [`Containerd::start`], with containerd's volatile `state` directory at `state`
+    /// (on a host that is `/run/containerd`, a tmpfs) instead of under its private root.
+    pub fn start_with_state(state: Option<PathBuf>) -> anyhow::Result<Containerd> {
         let root = crate::unique_temp_dir("containerd")?;
         let socket = root.join("containerd.sock");
         let log = root.join("containerd.log");
         let config = root.join("config.toml");
         fs::create_dir_all(root.join("cni/net.d"))?;
-        fs::write(&config, config_toml(&root, &socket))?;
+        let state_dir = state.clone().unwrap_or_else(|| root.join("state"));
+        fs::write(&config, config_toml(&root, &state_dir, &socket))?;
         let log_file = fs::File::create(&log)?;
         let child = Command::new("containerd")
             .arg("--config")
@@ -57,6 +66,7 @@ impl Containerd {
             socket,
             root,
             log,
+            state,
             child: Some(child),
         };
         let ready = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
@@ -156,17 +166,22 @@ impl Drop for Containerd {
         kill_processes_mentioning(&self.socket);
         unmount_below(&self.root);
         let _ = fs::remove_dir_all(&self.root);
+        if let Some(state) = &self.state {
+            unmount_below(state);
+            let _ = fs::remove_dir_all(state);
+        }
     }
 }
 
-fn config_toml(root: &Path, socket: &Path) -> String {
+fn config_toml(root: &Path, state: &Path, socket: &Path) -> String {
     let r = root.display();
+    let st = state.display();
     let mut s = String::new();
     let _ = write!(
         s,
         r#"version = 2
 root = "{r}/root"
-state = "{r}/state"
+state = "{st}"
 
 [grpc]
   address = "{sock}"

@@ -267,7 +267,17 @@ fn cgroup_memory(cgroup: &Path) -> Memory {
 struct ShimServer {
     child: Child,
     dir: PathBuf,
+    state: PathBuf,
     socket: PathBuf,
+}
+
+/// A directory for a runtime's volatile state on tmpfs (`/dev/shm`), where hosts keep it
+/// (`/run`): both runtimes get one, so neither pays the disk for its records and mount
+/// points while the other does not.
+fn volatile_dir(what: &str) -> Result<PathBuf> {
+    let dir = Path::new("/dev/shm").join(format!("ferrolet-bench-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 impl ShimServer {
@@ -287,12 +297,15 @@ impl ShimServer {
         );
         let socket = dir.join("cri.sock");
         let log = std::fs::File::create(dir.join("shim.log"))?;
+        let state = volatile_dir("shim")?;
         let child = Command::new(bin)
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
             .arg("--root")
             .arg(&root)
+            .arg("--state")
+            .arg(&state)
             .arg("--pause-binary")
             .arg(pause)
             .env("RUST_LOG", "warn")
@@ -301,7 +314,12 @@ impl ShimServer {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let server = ShimServer { child, dir, socket };
+        let server = ShimServer {
+            child,
+            dir,
+            state,
+            socket,
+        };
         move_into(cgroup, server.child.id())?;
         let up = poll_until(Duration::from_secs(30), Duration::from_millis(10), || {
             std::os::unix::net::UnixStream::connect(&server.socket).is_ok()
@@ -321,6 +339,8 @@ impl Drop for ShimServer {
         let _ = self.child.wait();
         ferrolet_tests::mounts::unmount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
+        ferrolet_tests::mounts::unmount_below(&self.state);
+        let _ = std::fs::remove_dir_all(&self.state);
     }
 }
 
@@ -608,7 +628,8 @@ async fn run(args: &Args, shim_bin: &Path) -> Result<()> {
 
     eprintln!("starting ferrolet-shim and containerd...");
     let shim = ShimServer::start(shim_bin, &busybox.oci_archive, &pause_bin, &shim_cg)?;
-    let containerd = Containerd::start().context("starting a private containerd")?;
+    let containerd = Containerd::start_with_state(Some(volatile_dir("containerd")?))
+        .context("starting a private containerd")?;
     move_into(&ctrd_cg, containerd.pid().context("containerd pid")?)?;
     for archive in [&busybox.oci_archive, &pause.oci_archive] {
         containerd.ctr_ok(&["images", "import", &archive.display().to_string()])?;

@@ -22,9 +22,13 @@ enum Command {
         /// The unix socket to listen on.
         #[arg(long, default_value = "/run/ferrolet-shim/ferrolet-shim.sock")]
         socket: PathBuf,
-        /// State directory: containers, sandboxes, images.
+        /// Persistent directory: images and the containers' writable layers.
         #[arg(long, default_value = "/var/lib/ferrolet-shim")]
         root: PathBuf,
+        /// Volatile state (records, mount points, network namespaces); put it on tmpfs,
+        /// as `/run/ferrolet-shim` is on systemd hosts. Default: the same as `--root`.
+        #[arg(long)]
+        state: Option<PathBuf>,
         /// Parent cgroup of pods that do not name one.
         #[arg(long, default_value = "ferrolet")]
         cgroup_parent: String,
@@ -126,6 +130,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve {
             socket,
             root,
+            state,
             cgroup_parent,
             pause_image,
             pause_binary,
@@ -140,6 +145,7 @@ fn main() -> anyhow::Result<()> {
             let lean = exe.with_file_name("ferrolet-monitor");
             let monitor_exe = if lean.exists() { lean } else { exe.clone() };
             let shim = ferrolet_shim::cri::Shim::open(ferrolet_shim::cri::ShimConfig {
+                state: state.unwrap_or_else(|| root.clone()),
                 root,
                 exe,
                 monitor_exe,

@@ -30,6 +30,10 @@ impl Server {
     fn root(&self) -> PathBuf {
         self.tmp.path().join("root")
     }
+    /// The volatile state, kept apart from the root as hosts keep it on tmpfs.
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
     fn socket(&self) -> PathBuf {
         self.tmp.path().join("cri.sock")
     }
@@ -83,6 +87,8 @@ impl Server {
             .arg(self.socket())
             .arg("--root")
             .arg(self.root())
+            .arg("--state")
+            .arg(self.state())
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
             .arg("--pause-binary")
@@ -642,7 +648,21 @@ async fn containers_outlive_a_killed_shim_and_their_exits_are_recorded() {
         log_lines(&log).contains(&"bye".to_string())
     });
 
+    // A writable layer nobody owns (its state was lost, as on a reboot with the state on
+    // tmpfs) is removed when the shim starts; the pod's own layers stay.
+    let snapshots = s.root().join("snapshots");
+    let orphan = snapshots.join("0123456789abcdef");
+    std::fs::create_dir_all(orphan.join("upper/data")).unwrap();
+    std::fs::write(orphan.join("upper/data/file"), "left behind").unwrap();
     s.start();
+    assert!(!orphan.exists(), "orphaned writable layer kept");
+    assert!(snapshots.join(&c).exists() && snapshots.join(&pod).exists());
+    assert!(
+        s.state()
+            .join("cri/containers")
+            .join(format!("{c}.json"))
+            .exists()
+    );
     let (mut rt, _) = s.clients().await;
     let st = wait_state(&mut rt, &c, v1::ContainerState::ContainerExited).await;
     assert_eq!((st.exit_code, st.reason.as_str()), (7, "Error"));
@@ -766,7 +786,7 @@ async fn bad_inputs_get_specific_statuses_and_leave_nothing() {
     assert!(s.mounts().is_empty(), "{:?}", s.mounts());
     wait_for(10, "no processes left", || s.processes().is_empty());
     assert!(
-        std::fs::read_dir(s.root().join("containers"))
+        std::fs::read_dir(s.state().join("containers"))
             .unwrap()
             .next()
             .is_none(),

@@ -93,8 +93,11 @@ fn internal(what: &str) -> impl FnOnce(std::io::Error) -> CriError {
 /// Settings of a shim.
 #[derive(Debug, Clone)]
 pub struct ShimConfig {
-    /// State directory (containers, sandboxes, images, network namespaces).
+    /// Persistent directory: images and the containers' writable layers.
     pub root: PathBuf,
+    /// Volatile state: runtime and CRI records, sandbox files, mount points, network
+    /// namespaces. Best on tmpfs (like `/run/containerd`); may be the same as `root`.
+    pub state: PathBuf,
     /// The binary to re-exec as exec helper (normally the shim itself).
     pub exe: PathBuf,
     /// The binary run as each container's monitor with `monitor DIR`: the lean
@@ -154,17 +157,18 @@ fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, Str
 }
 
 impl Shim {
-    /// Opens the state under `cfg.root` and recovers sandboxes and containers from it.
+    /// Opens the state under `cfg.state` and `cfg.root` and recovers sandboxes and
+    /// containers from it.
     pub fn open(cfg: ShimConfig) -> Result<Arc<Shim>, CriError> {
-        let runtime = Runtime::new(&cfg.root, &cfg.monitor_exe, cfg.cgroups.clone())?;
+        let runtime = Runtime::new(&cfg.state, &cfg.monitor_exe, cfg.cgroups.clone())?;
         let images = Arc::new(ImageStore::open(cfg.root.join("images"))?);
         let sandboxes: HashMap<String, SandboxRecord> =
-            records::load_all::<SandboxRecord>(&cfg.root.join("cri/sandboxes"))
+            records::load_all::<SandboxRecord>(&cfg.state.join("cri/sandboxes"))
                 .into_iter()
                 .map(|s| (s.id.clone(), s))
                 .collect();
         let containers: HashMap<String, ContainerRecord> =
-            records::load_all::<ContainerRecord>(&cfg.root.join("cri/containers"))
+            records::load_all::<ContainerRecord>(&cfg.state.join("cri/containers"))
                 .into_iter()
                 .map(|c| (c.id.clone(), c))
                 .collect();
@@ -204,6 +208,17 @@ impl Shim {
                 let _ = std::fs::remove_dir_all(self.snapshot_dir(id));
             }
         }
+        // Writable layers whose container is unknown: the volatile state was lost (the host
+        // rebooted and `state` is on tmpfs), so nothing will ever remove them otherwise.
+        if let Ok(entries) = std::fs::read_dir(self.cfg.root.join("snapshots")) {
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&id) {
+                    tracing::warn!(container = %id, "removing a writable layer without a container");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
     }
 
     /// Ids of containers that are running now, to watch for their exits.
@@ -223,7 +238,7 @@ impl Shim {
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
-        self.cfg.root.join("cri/sandbox-files").join(id)
+        self.cfg.state.join("cri/sandbox-files").join(id)
     }
 
     fn snapshot_dir(&self, id: &str) -> PathBuf {
@@ -245,7 +260,7 @@ impl Shim {
     }
 
     fn save_sandbox(&self, rec: &SandboxRecord) -> Result<(), CriError> {
-        records::save(&self.cfg.root.join("cri/sandboxes"), &rec.id, rec)
+        records::save(&self.cfg.state.join("cri/sandboxes"), &rec.id, rec)
             .map_err(internal("save sandbox"))?;
         lock(&self.sandboxes).insert(rec.id.clone(), rec.clone());
         Ok(())
@@ -338,7 +353,7 @@ impl Shim {
         let netns = if host_net {
             None
         } else {
-            let p = self.cfg.root.join("netns").join(id);
+            let p = self.cfg.state.join("netns").join(id);
             netns::create(&p).map_err(|e| CriError::Internal(e.to_string()))?;
             undo.netns = Some(p.clone());
             Some(p)
@@ -557,7 +572,7 @@ impl Shim {
                 errors.join("; ")
             )));
         }
-        records::remove(&self.cfg.root.join("cri/sandboxes"), &rec.id)
+        records::remove(&self.cfg.state.join("cri/sandboxes"), &rec.id)
             .map_err(internal("remove sandbox record"))?;
         lock(&self.sandboxes).remove(&rec.id);
         Ok(())
@@ -783,7 +798,7 @@ impl Shim {
             uid: user.as_ref().map(|u| i64::from(u.uid())),
             gid: user.as_ref().map(|u| i64::from(u.gid())),
         };
-        if let Err(e) = records::save(&self.cfg.root.join("cri/containers"), &id, &rec) {
+        if let Err(e) = records::save(&self.cfg.state.join("cri/containers"), &id, &rec) {
             let _ = self.runtime.delete(&id, true);
             let _ = std::fs::remove_dir_all(&snap);
             return Err(CriError::Internal(format!("save container record: {e}")));
@@ -848,7 +863,7 @@ impl Shim {
                 snap.display()
             )));
         }
-        records::remove(&self.cfg.root.join("cri/containers"), &rec.id)
+        records::remove(&self.cfg.state.join("cri/containers"), &rec.id)
             .map_err(internal("remove container record"))?;
         lock(&self.containers).remove(&rec.id);
         let ev = v1::ContainerEventResponse {
