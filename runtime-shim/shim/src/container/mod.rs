@@ -347,7 +347,6 @@ impl Runtime {
 
     /// Starts a monitor the slow way, as a new process of `monitor_exe`.
     fn exec_monitor(&self, id: &str, dir: &Path, write_end: OwnedFd) -> Result<(), RuntimeError> {
-        use std::os::unix::process::CommandExt;
         let log_path = dir.join("monitor.log");
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -363,18 +362,7 @@ impl Runtime {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log);
-        // SAFETY: the closure only calls dup2 and fcntl, which are async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                if raw == 3 {
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                } else if libc::dup2(raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        monitor::pass_as_fd_3(&mut cmd, raw);
         let mut child = cmd
             .spawn()
             .map_err(Self::io(id, "spawn monitor", &self.monitor_exe))?;

@@ -151,6 +151,24 @@ pub fn write_atomic(dir: &Path, name: &str, content: &[u8]) -> std::io::Result<(
     std::fs::rename(&tmp, dir.join(name))
 }
 
+/// Makes `fd` the child's descriptor 3 (inherited across exec), where `ferrolet-monitor`
+/// finds its report pipe or its zygote socket.
+pub(crate) fn pass_as_fd_3(cmd: &mut std::process::Command, fd: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only calls dup2 and fcntl, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                let flags = libc::fcntl(3, libc::F_GETFD);
+                libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Entry point of `ferrolet-shim monitor DIR` with the report pipe on `report_fd`.
 /// Returns the process exit code.
 pub fn main(dir: &Path, report_fd: RawFd) -> i32 {

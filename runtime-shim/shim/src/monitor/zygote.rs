@@ -60,7 +60,6 @@ pub enum ZygoteError {
 impl Zygote {
     /// Starts `exe zygote --fd 3` with one end of a new socket pair as descriptor 3.
     pub fn spawn(exe: &Path) -> Result<Zygote, ZygoteError> {
-        use std::os::unix::process::CommandExt;
         let (mine, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -73,18 +72,7 @@ impl Zygote {
         cmd.args(["zygote", "--fd", "3"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
-        // SAFETY: the closure only calls dup2 and fcntl, which are async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                if raw == 3 {
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                } else if libc::dup2(raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        super::pass_as_fd_3(&mut cmd, raw);
         let child = cmd.spawn().map_err(|source| ZygoteError::Spawn {
             exe: exe.to_path_buf(),
             source,
