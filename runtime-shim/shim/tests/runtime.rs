@@ -520,6 +520,12 @@ fn the_monitor_zygote_reaps_is_replaced_when_killed_and_goes_with_the_runtime() 
     });
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    // SIGKILL lands asynchronously; start only once it is dead (a zombie until reaped).
+    wait_for(10, "the killed zygote to die", || {
+        children_of(std::process::id())
+            .iter()
+            .all(|&(pid, state)| pid != first || state == 'Z')
+    });
     start("zyg-c");
     let second = rt.zygote_pid().expect("a new zygote");
     assert_ne!(second, first);
